@@ -1,0 +1,256 @@
+"""The ``loraplex`` command: a table of subcommands, each a plain function of parsed arguments.
+
+Every failure a user can cause ends in one line on stderr (``loraplex: error: ...``) and a
+non-zero exit: 1 for a refused operation, 2 for bad usage. ``--json`` prints machine-readable
+results on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from .errors import LoraplexError
+
+PROGRESS_MIN_BYTES = 4 * 1024 * 1024
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _registry(args):
+    from .cache import AdapterCache
+    from .config import load_settings
+    from .registry import AdapterRegistry
+
+    settings = load_settings(registry=args.registry)
+    return AdapterRegistry(settings.registry, cache=AdapterCache(settings.cache))
+
+
+@contextmanager
+def _bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    if total < PROGRESS_MIN_BYTES or os.environ.get("LORAPLEX_PROGRESS") == "0":
+        yield lambda n: None
+        return
+    from tqdm import tqdm
+
+    force = os.environ.get("LORAPLEX_PROGRESS") == "1"
+    with tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+              disable=False if force else None, leave=False) as bar:
+        yield bar.update
+
+
+def _emit(args, data, text: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+
+
+def _manifest_dict(m) -> dict:
+    return {**json.loads(m.to_json()), "ref": m.ref}
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    if not rows:
+        return ""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*map(str, r)).rstrip() for r in [header, *rows])
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ---- commands --------------------------------------------------------------------------------
+def cmd_push(args) -> int:
+    reg = _registry(args)
+    res = reg.push(args.dir, args.name, alias=args.alias, base_model=args.base_model, message=args.message or "",
+                   force=args.force, progress=_bar)
+    m = res.manifest
+    if res.created:
+        text = f"pushed {m.ref} ({_size(m.size)}, r={m.rank}, {m.modules} modules) to {reg.uri}"
+        if res.alias:
+            text += f"; {args.alias} -> {m.version}"
+    else:
+        text = f"identical to {m.ref}; nothing pushed (use --force to add a new version anyway)"
+    _emit(args, {"created": res.created, **_manifest_dict(m)}, text)
+    return 0
+
+
+def cmd_ls(args) -> int:
+    reg = _registry(args)
+    if args.name is None:
+        rows, data = [], []
+        for name in reg.names():
+            aliases = reg.aliases(name)
+            m = reg.manifest(name, aliases["latest"])
+            data.append({"name": name, "latest": m.version, "aliases": aliases, "base_model": m.base_model,
+                         "updated_at": m.created_at})
+            rows.append([name, m.version, ",".join(sorted(a for a in aliases if a != "latest")) or "-",
+                         m.base_model or "?", m.created_at])
+        _emit(args, data, _table(rows, ["NAME", "LATEST", "ALIASES", "BASE", "UPDATED"]) or f"no adapters in {reg.uri}")
+        return 0
+    from .reference import check_name
+    from .errors import NotFoundError
+
+    versions = reg.versions(check_name(args.name))
+    if not versions:
+        raise NotFoundError(f"adapter {args.name!r} not found in {reg.uri}")
+    by_version: dict[int, list[str]] = {}
+    for alias, v in reg.aliases(args.name).items():
+        by_version.setdefault(v, []).append(alias)
+    rows = [[m.version, ",".join(sorted(by_version.get(m.version, []))) or "-", _size(m.size), m.rank,
+             m.created_at, m.creator or "", m.message] for m in versions]
+    data = [{**_manifest_dict(m), "aliases": sorted(by_version.get(m.version, []))} for m in versions]
+    _emit(args, data, _table(rows, ["VERSION", "ALIASES", "SIZE", "RANK", "CREATED", "BY", "MESSAGE"]))
+    return 0
+
+
+def cmd_show(args) -> int:
+    reg = _registry(args)
+    m = reg.resolve(args.ref)
+    aliases = sorted(a for a, v in reg.aliases(m.name).items() if v == m.version)
+    history = {}
+    for alias in aliases:
+        if alias != "latest":
+            history[alias] = [asdict(e) for e in reg.alias_history(m.name, alias)]
+    data = {**_manifest_dict(m), "aliases": aliases, "alias_history": history}
+    lines = [f"{m.ref}  ({', '.join(aliases) or 'no aliases'})",
+             f"  base model   {m.base_model or 'unknown'}" + (f"  [{m.base_fingerprint['fingerprint']}]" if m.base_fingerprint else ""),
+             f"  lora         r={m.rank} alpha={m.alpha:g} rslora={m.use_rslora} dora={m.use_dora} modules={m.modules} params={m.num_params:,} {m.dtype}",
+             f"  targets      {m.target_modules if isinstance(m.target_modules, str) else ','.join(m.target_modules)}",
+             f"  created      {m.created_at} by {m.creator}",
+             f"  message      {m.message or '-'}"]
+    lines += [f"  file         {name}  {_size(e.size)}  sha256:{e.sha256}" for name, e in sorted(m.files.items())]
+    if m.training:
+        lines.append(f"  training     {json.dumps(m.training, sort_keys=True)[:200]}")
+    for alias, events in history.items():
+        for e in events:
+            lines.append(f"  {alias:<12} {e['at']}  {e['previous'] or '-'} -> {e['version'] or '-'}  ({e['action']} by {e['by']})")
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_pull(args) -> int:
+    reg = _registry(args)
+    m = reg.pull(args.ref, args.dir, progress=_bar)
+    _emit(args, _manifest_dict(m), f"pulled {m.ref} into {args.dir} (verified sha256 and validated)")
+    return 0
+
+
+def cmd_tag(args) -> int:
+    reg = _registry(args)
+    e = reg.tag(args.ref, args.alias)
+    name = args.ref.partition("@")[0]
+    _emit(args, asdict(e), f"{name}@{e.alias}: {e.previous or '-'} -> {e.version}")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    reg = _registry(args)
+    e = reg.rollback(args.name, args.alias)
+    _emit(args, asdict(e), f"{args.name}@{e.alias}: rolled back {e.previous} -> {e.version}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    reg = _registry(args)
+    m = reg.remove(args.ref, force=args.force)
+    _emit(args, {"removed": m.ref}, f"removed {m.ref}")
+    return 0
+
+
+# name -> (function, help, argument adder)
+def _args_push(p):
+    p.add_argument("dir", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--name", required=True, help="adapter name: a-z 0-9 . _ -, at most 63 characters")
+    p.add_argument("--alias", help="also point this alias at the new version (e.g. candidate)")
+    p.add_argument("--base-model", help="base model id or local HF folder (default: adapter_config's)")
+    p.add_argument("--message", "-m", help="a note stored with the version")
+    p.add_argument("--force", action="store_true", help="add a version even if identical to an existing one")
+
+
+def _args_ls(p):
+    p.add_argument("name", nargs="?", help="list this adapter's versions (default: list adapters)")
+
+
+def _args_ref(p):
+    p.add_argument("ref", help="NAME, NAME@VERSION or NAME@ALIAS")
+
+
+def _args_pull(p):
+    _args_ref(p)
+    p.add_argument("dir", help="destination folder")
+
+
+def _args_tag(p):
+    p.add_argument("ref", help="NAME@VERSION (or NAME@ALIAS) to point at")
+    p.add_argument("alias", help="alias to move, e.g. prod")
+
+
+def _args_rollback(p):
+    p.add_argument("name")
+    p.add_argument("alias")
+
+
+def _args_rm(p):
+    p.add_argument("ref", help="NAME@VERSION")
+    p.add_argument("--force", action="store_true", help="also remove aliases pointing at it")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable]] = {
+    "push": (cmd_push, "validate an adapter folder and register it as a new version", _args_push),
+    "ls": (cmd_ls, "list adapters, or one adapter's versions", _args_ls),
+    "show": (cmd_show, "show a version's manifest and aliases", _args_ref),
+    "pull": (cmd_pull, "download a version into a folder (verified)", _args_pull),
+    "tag": (cmd_tag, "point an alias at a version", _args_tag),
+    "rollback": (cmd_rollback, "move an alias back to where it pointed before", _args_rollback),
+    "rm": (cmd_rm, "remove a version (refused while an alias points at it)", _args_rm),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="loraplex", description="loraplex: serve many LoRA adapters on one base model.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", help="registry URI: file:///path or s3://bucket/prefix (env LORAPLEX_REGISTRY)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (fn, help_, add) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
+        add(p)
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0 if argv is None and len(sys.argv) == 1 else 2
+    try:
+        return args.fn(args)
+    except LoraplexError as exc:
+        print(f"loraplex: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("loraplex: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The versioned adapter registry: push, list, show, pull, tag, rollback, remove.
+
+Layout under the storage root (one folder per adapter name)::
+
+    NAME/vN/.claim                      who took version number N (kept forever: numbers are never reused)
+    NAME/vN/adapter_config.json
+    NAME/vN/adapter_model.safetensors
+    NAME/vN/manifest.json               written last and exclusively: its presence makes vN visible
+    NAME/aliases/ALIAS/0000000007.json  the alias log: one immutable entry per move
+
+Races this layout prevents: two pushers of one name both computing N (the ``.claim`` is an
+exclusive create, so the loser moves on to N+1 before writing any file); a reader seeing a version
+whose files are still uploading (the manifest is written after the files); a push killed midway
+(no manifest, so nothing is visible, and the re-run claims a fresh number); two concurrent alias
+moves losing one of them (each appends log entry K+1 exclusively, the loser re-reads and retries).
+``latest`` is not stored: it is always the highest visible version.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .basemodel import BaseModelInfo, resolve_base_model
+from .cache import AdapterCache
+from .errors import ConflictError, IncompatibleBaseError, NotFoundError, StorageError
+from .manifest import Manifest, hash_file
+from .reference import LATEST, AdapterRef, check_alias, check_name
+from .spec import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, Limits, validate_adapter
+from .storage import ProgressFactory, Storage, open_storage
+
+_VERSION_KEY = re.compile(r"^v(\d+)/(manifest\.json|\.claim)$")
+_MAX_RACE_RETRIES = 1000
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def default_creator() -> str:
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:  # no user database entry in some containers
+        return f"unknown@{socket.gethostname()}"
+
+
+@dataclass(frozen=True, slots=True)
+class AliasEvent:
+    alias: str
+    version: int | None  # None: the alias was removed
+    previous: int | None
+    at: str
+    by: str | None
+    action: str  # tag | rollback | push | rm
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    manifest: Manifest
+    created: bool  # False: identical content already stored as manifest.version
+    alias: AliasEvent | None = None
+
+
+class AdapterRegistry:
+    """Python API of the registry; the CLI is a thin layer over it."""
+
+    def __init__(self, storage: Storage | str, *, limits: Limits = Limits(), cache: AdapterCache | None = None) -> None:
+        self.storage = open_storage(storage) if isinstance(storage, str) else storage
+        self.limits = limits
+        self.cache = cache
+        self._manifests: dict[tuple[str, int], Manifest] = {}  # immutable once visible
+
+    @property
+    def uri(self) -> str:
+        return self.storage.uri
+
+    # ---- reading ---------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return [n for n in self.storage.children("") if self._is_name(n) and self._numbers(n)[0]]
+
+    @staticmethod
+    def _is_name(n: str) -> bool:
+        try:
+            check_name(n)
+            return True
+        except Exception:
+            return False
+
+    def _numbers(self, name: str) -> tuple[list[int], int]:
+        """(visible version numbers ascending, highest number ever claimed)."""
+        visible, claimed = [], 0
+        for key in self.storage.list(f"{name}/"):
+            m = _VERSION_KEY.match(key[len(name) + 1:])
+            if m:
+                n = int(m.group(1))
+                claimed = max(claimed, n)
+                if m.group(2) == "manifest.json":
+                    visible.append(n)
+        return sorted(visible), claimed
+
+    def version_numbers(self, name: str) -> list[int]:
+        return self._numbers(check_name(name))[0]
+
+    def manifest(self, name: str, version: int) -> Manifest:
+        key = (name, version)
+        if key not in self._manifests:
+            try:
+                raw = self.storage.read(f"{name}/v{version}/manifest.json")
+            except NotFoundError:
+                raise NotFoundError(f"adapter {name}@{version} not found in {self.uri}") from None
+            self._manifests[key] = Manifest.from_json(raw, f"{name}@{version}")
+        return self._manifests[key]
+
+    def versions(self, name: str) -> list[Manifest]:
+        return [self.manifest(name, v) for v in self.version_numbers(name)]
+
+    def alias_history(self, name: str, alias: str) -> list[AliasEvent]:
+        check_name(name)
+        check_alias(alias)
+        prefix = f"{name}/aliases/{alias}/"
+        return [AliasEvent(**json.loads(self.storage.read(k))) for k in self.storage.list(prefix)]
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """Every alias of name and the version it points at, ``latest`` included."""
+        check_name(name)
+        out: dict[str, int] = {}
+        visible = self.version_numbers(name)
+        if visible:
+            out[LATEST] = visible[-1]
+        for alias in self.storage.children(f"{name}/aliases/"):
+            events = self.alias_history(name, alias)
+            if events and events[-1].version is not None:
+                out[alias] = events[-1].version
+        return out
+
+    def resolve(self, ref: str | AdapterRef) -> Manifest:
+        """``NAME``, ``NAME@7`` or ``NAME@prod`` to the manifest of one version."""
+        r = AdapterRef.parse(ref) if isinstance(ref, str) else ref
+        if r.version is not None:
+            return self.manifest(r.name, r.version)
+        if r.alias is None:
+            visible = self.version_numbers(r.name)
+            if not visible:
+                raise NotFoundError(f"adapter {r.name!r} not found in {self.uri}")
+            return self.manifest(r.name, visible[-1])
+        events = self.alias_history(r.name, r.alias)
+        if not events or events[-1].version is None:
+            if not self.version_numbers(r.name):
+                raise NotFoundError(f"adapter {r.name!r} not found in {self.uri}")
+            raise NotFoundError(f"adapter {r.name!r} has no alias {r.alias!r}")
+        return self.manifest(r.name, events[-1].version)
+
+    # ---- pushing ---------------------------------------------------------------------------
+    def push(
+        self, folder: str | Path, name: str, *, alias: str | None = None, base_model: str | None = None,
+        message: str = "", creator: str | None = None, training: dict | None = None, force: bool = False,
+        progress: ProgressFactory | None = None,
+    ) -> PushResult:
+        check_name(name)
+        if alias is not None:
+            check_alias(alias)
+            if alias == LATEST:
+                raise ConflictError("'latest' always follows the newest version; it cannot be set")
+        folder = Path(folder)
+        base_id, base = self._base_for(folder, base_model)
+        spec = validate_adapter(folder, base, self.limits)
+        files = {f: hash_file(folder / f) for f in ADAPTER_FILES}
+        if not force:
+            for existing in self.versions(name):
+                if existing.files == files:
+                    return PushResult(existing, created=False)
+        version = self._claim(name)
+        for fname in ADAPTER_FILES:
+            self._upload(f"{name}/v{version}/{fname}", folder / fname, files[fname].size, progress, f"{name}@{version} {fname}")
+        manifest = Manifest(
+            name=name, version=version, files=files, base_model=base_id,
+            base_fingerprint=base.to_dict() if base else None, rank=spec.rank, alpha=spec.alpha,
+            target_modules=spec.target_modules, use_rslora=spec.use_rslora, use_dora=spec.use_dora,
+            modules=len(spec.modules), num_params=spec.num_params, dtype=spec.dtype, created_at=now(),
+            creator=creator or default_creator(), message=message, training=training,
+        )
+        if not self.storage.create(f"{name}/v{version}/manifest.json", manifest.to_json()):
+            raise StorageError(f"{name}@{version} was published by someone else although this push claimed it")
+        self._manifests[(name, version)] = manifest
+        event = self.tag(manifest.ref, alias, action="push", by=creator) if alias else None
+        return PushResult(manifest, created=True, alias=event)
+
+    def _base_for(self, folder: Path, base_model: str | None) -> tuple[str | None, BaseModelInfo | None]:
+        if base_model is not None:
+            base = resolve_base_model(base_model)
+            return (base.id if base else base_model), base
+        try:
+            declared = json.loads((folder / CONFIG_FILE).read_text()).get("base_model_name_or_path")
+        except Exception:
+            return None, None  # validate_adapter reports the broken config precisely
+        if isinstance(declared, str) and declared:
+            base = resolve_base_model(declared)
+            return (base.id if base else declared), base
+        return None, None
+
+    def _claim(self, name: str) -> int:
+        token = json.dumps({"token": uuid.uuid4().hex, "at": now()}).encode()
+        _, claimed = self._numbers(name)
+        for _ in range(_MAX_RACE_RETRIES):
+            claimed += 1
+            if self.storage.create(f"{name}/v{claimed}/.claim", token):
+                return claimed
+        raise StorageError(f"could not claim a version number for {name!r}: too many concurrent pushes")
+
+    def _upload(self, key: str, path: Path, size: int, progress: ProgressFactory | None, label: str) -> None:
+        if progress is None:
+            self.storage.upload(key, path)
+            return
+        with progress(label, size) as update:
+            self.storage.upload(key, path, update)
+
+    # ---- aliases -----------------------------------------------------------------------------
+    def tag(self, ref: str, alias: str, *, action: str = "tag", by: str | None = None) -> AliasEvent:
+        """Point alias at the version ref names (``NAME@7``, or ``NAME@other-alias``)."""
+        check_alias(alias)
+        if alias == LATEST:
+            raise ConflictError("'latest' always follows the newest version; it cannot be set")
+        target = self.resolve(ref)
+        return self._move(target.name, alias, lambda _cur: target.version, action, by)
+
+    def rollback(self, name: str, alias: str, *, by: str | None = None) -> AliasEvent:
+        """Undo the alias's last move: point it back where it was before (twice redoes it)."""
+        check_name(name)
+        check_alias(alias)
+
+        def previous(events: list[AliasEvent]) -> int:
+            if not events or events[-1].previous is None:
+                raise ConflictError(f"alias {name}@{alias} has no earlier version to roll back to")
+            self.manifest(name, events[-1].previous)  # refuse a target that was removed
+            return events[-1].previous
+
+        return self._move(name, alias, previous, "rollback", by)
+
+    def _move(self, name: str, alias: str, choose: Callable[[list[AliasEvent]], int | None], action: str, by: str | None) -> AliasEvent:
+        prefix = f"{name}/aliases/{alias}/"
+        for _ in range(_MAX_RACE_RETRIES):
+            events = self.alias_history(name, alias)
+            current = events[-1].version if events else None
+            target = choose(events)
+            event = AliasEvent(alias, target, current, now(), by or default_creator(), action)
+            if self.storage.create(f"{prefix}{len(events) + 1:010d}.json", event.to_json()):
+                return event
+        raise StorageError(f"could not move alias {name}@{alias}: too many concurrent moves")
+
+    # ---- removing ----------------------------------------------------------------------------
+    def remove(self, ref: str, *, force: bool = False, by: str | None = None) -> Manifest:
+        r = AdapterRef.parse(ref)
+        if r.version is None:
+            raise ConflictError(f"rm needs an explicit version (NAME@N), not {ref!r}")
+        manifest = self.manifest(r.name, r.version)
+        pointing = sorted(a for a, v in self.aliases(r.name).items() if v == r.version and a != LATEST)
+        if pointing and not force:
+            raise ConflictError(
+                f"{manifest.ref} is pointed at by alias {', '.join(pointing)}; move the alias first or use --force"
+            )
+        for alias in pointing:
+            self._move(r.name, alias, lambda _e: None, "rm", by)
+        # The manifest goes first so the version is invisible before any file disappears.
+        self.storage.delete(f"{r.name}/v{r.version}/manifest.json")
+        for fname in ADAPTER_FILES:
+            self.storage.delete(f"{r.name}/v{r.version}/{fname}")
+        self._manifests.pop((r.name, r.version), None)
+        return manifest
+
+    # ---- pulling -----------------------------------------------------------------------------
+    def fetch(self, ref: str, *, progress: ProgressFactory | None = None) -> tuple[Manifest, Path]:
+        """Resolve ref and return a verified, validated local folder for it from the cache."""
+        manifest = self.resolve(ref)
+        cache = self.cache or AdapterCache.default(self.limits)
+        folder = cache.materialize(self.storage, manifest, progress)
+        return manifest, folder
+
+    def pull(self, ref: str, dest: str | Path, *, progress: ProgressFactory | None = None) -> Manifest:
+        manifest, folder = self.fetch(ref, progress=progress)
+        AdapterCache.export(folder, Path(dest), manifest)
+        return manifest
+
+    def check_base(self, manifest: Manifest, base: BaseModelInfo) -> None:
+        """Refuse an adapter stored for a different base architecture."""
+        fp = (manifest.base_fingerprint or {}).get("fingerprint")
+        if fp is not None and fp != base.fingerprint:
+            raise IncompatibleBaseError(
+                f"{manifest.ref} was made for base model {manifest.base_model} ({fp}), not {base.id} ({base.fingerprint})"
+            )
+
+
+__all__ = ["AdapterRegistry", "AliasEvent", "PushResult", "WEIGHTS_FILE"]
