@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from adapter_factory import TINY_BASE_CONFIG, write_adapter, write_base_config  # noqa: E402
+from seaweed import SeaweedServer  # noqa: E402
+
+from adapters import AdapterCache, AdapterRegistry  # noqa: E402
+from adapters.s3 import S3Storage  # noqa: E402
+
+_buckets = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def seaweed():
+    server = SeaweedServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_uri(seaweed, request) -> str:
+    """A fresh bucket on the shared server, as an s3:// URI with the endpoint in its options."""
+    bucket = seaweed.make_bucket(f"t{next(_buckets)}-{abs(hash(request.node.nodeid)) % 10**8}")
+    return f"s3://{bucket}/registry?endpoint_url={seaweed.endpoint}"
+
+
+@pytest.fixture(params=["file", "s3"])
+def backend(request, tmp_path) -> str:
+    return request.param
+
+
+@pytest.fixture
+def registry_uri(backend, tmp_path, request, monkeypatch) -> str:
+    """A registry URI of each backend: a folder, and a bucket on a real SeaweedFS server."""
+    if backend == "file":
+        return (tmp_path / "registry").as_uri()
+    seaweed = request.getfixturevalue("seaweed")
+    for k, v in seaweed.env().items():
+        monkeypatch.setenv(k, v)
+    return request.getfixturevalue("s3_uri")
+
+
+@pytest.fixture
+def registry(registry_uri, tmp_path) -> AdapterRegistry:
+    return AdapterRegistry(registry_uri, cache=AdapterCache(tmp_path / "cache"))
+
+
+@pytest.fixture
+def base_dir(tmp_path) -> Path:
+    return write_base_config(tmp_path / "tiny-base")
+
+
+@pytest.fixture
+def make_adapter(tmp_path):
+    counter = itertools.count()
+
+    def make(**kw) -> Path:
+        return write_adapter(tmp_path / f"adapter{next(counter)}", **kw)
+
+    return make
+
+
+__all__ = ["TINY_BASE_CONFIG", "S3Storage"]
