@@ -1,0 +1,1 @@
+"""The generation engine: requests, scheduler, sampler, KV cache, step loop."""
