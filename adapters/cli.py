@@ -23,7 +23,7 @@ PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not argparse's usage block
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"loraplex: error: {message} (see {self.prog} --help)\n")
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -116,6 +116,8 @@ class FolderStorage:
             return sorted(e.name for e in os.scandir(base) if e.is_dir() and not e.name.startswith("."))
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise StorageError(f"cannot read registry folder {base}: {exc.strerror}") from None
 
     def delete(self, key: str) -> None:
         target = self._path(key)

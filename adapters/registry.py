@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .basemodel import BaseModelInfo, resolve_base_model
 from .cache import AdapterCache
-from .errors import ConflictError, IncompatibleBaseError, NotFoundError, StorageError
+from .errors import ConfigError, ConflictError, IncompatibleBaseError, NotFoundError, StorageError
 from .manifest import Manifest, hash_file
 from .reference import LATEST, AdapterRef, check_alias, check_name
 from .spec import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, Limits, validate_adapter
@@ -197,6 +197,8 @@ class AdapterRegistry:
 
     def _base_for(self, folder: Path, base_model: str | None) -> tuple[str | None, BaseModelInfo | None]:
         if base_model is not None:
+            if base_model.startswith((".", "/", "~")) and not Path(base_model).expanduser().is_dir():
+                raise ConfigError(f"base model folder {base_model} does not exist")
             base = resolve_base_model(base_model)
             return (base.id if base else base_model), base
         try:
@@ -237,6 +239,8 @@ class AdapterRegistry:
         """Undo the alias's last move: point it back where it was before (twice redoes it)."""
         check_name(name)
         check_alias(alias)
+        if not self.version_numbers(name):
+            raise NotFoundError(f"adapter {name!r} not found in {self.uri}")
 
         def previous(events: list[AliasEvent]) -> int:
             if not events or events[-1].previous is None:

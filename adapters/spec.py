@@ -67,6 +67,8 @@ def load_config(folder: Path, limits: Limits = Limits()) -> dict:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidAdapterError(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidAdapterError(f"{CONFIG_FILE} is not valid JSON: maximum nesting depth exceeded") from None
     if not isinstance(cfg, dict):
         raise InvalidAdapterError(f"{CONFIG_FILE} must hold a JSON object")
     return cfg
@@ -97,8 +99,8 @@ def pattern_value(patterns: dict, module: str, default):
 def targets(target_modules: list[str] | str, module: str) -> bool:
     """PEFT's rule: a regex string must match the whole path; list entries match a path suffix."""
     if isinstance(target_modules, str):
-        if target_modules == "all-linear":
-            return True
+        if target_modules == "all-linear":  # PEFT: every linear layer but the output head
+            return not module.endswith("lm_head")
         return re.fullmatch(target_modules, module) is not None
     return module in target_modules or any(module.endswith("." + t) for t in target_modules)
 
@@ -117,8 +119,11 @@ def parse_config(cfg: dict, limits: Limits) -> dict:
             raise InvalidAdapterError(f"{CONFIG_FILE}: target_modules is not a valid regex: {exc}") from None
     elif not (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm)):
         raise InvalidAdapterError(f"{CONFIG_FILE}: target_modules must be a non-empty list of names or a regex string")
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
+    rank_pattern = {} if cfg.get("rank_pattern") is None else cfg["rank_pattern"]
+    alpha_pattern = {} if cfg.get("alpha_pattern") is None else cfg["alpha_pattern"]
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise InvalidAdapterError(f"{CONFIG_FILE}: {key} must be true or false, got {cfg[key]!r}")
     for key, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         if not isinstance(pat, dict):
             raise InvalidAdapterError(f"{CONFIG_FILE}: {key} must be an object")
@@ -134,7 +139,7 @@ def parse_config(cfg: dict, limits: Limits) -> dict:
     base = cfg.get("base_model_name_or_path")
     return {
         "rank": rank, "alpha": alpha, "target_modules": tm,
-        "use_rslora": bool(cfg.get("use_rslora", False)), "use_dora": bool(cfg.get("use_dora", False)),
+        "use_rslora": cfg.get("use_rslora", False), "use_dora": cfg.get("use_dora", False),
         "base_model_name_or_path": base if isinstance(base, str) else None,
         "rank_pattern": dict(rank_pattern), "alpha_pattern": {k: float(v) for k, v in alpha_pattern.items()},
     }

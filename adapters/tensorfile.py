@@ -64,9 +64,12 @@ def read_header(path: Path) -> TensorFile:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidAdapterError(f"{label} is not a safetensors file: header is not JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidAdapterError(f"{label} is not a safetensors file: header is not JSON (maximum nesting depth exceeded)") from None
     if not isinstance(header, dict):
         raise InvalidAdapterError(f"{label} is not a safetensors file: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InvalidAdapterError(f"{label}: __metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
@@ -81,7 +84,7 @@ def _tensor_info(label: str, name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
         raise InvalidAdapterError(f"{label}: entry for tensor {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise InvalidAdapterError(f"{label}: tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidAdapterError(f"{label}: tensor {name!r} has an invalid shape {shape!r}")

@@ -286,18 +286,12 @@ def test_registry_errors_are_one_line(cli, make_adapter, base_dir, tmp_path):
     assert [(v["version"], v["aliases"]) for v in cli.json("ls", "foo")] == [(1, ["candidate", "latest"])]
 
 
-# Known bug: errors argparse detects inside a subcommand's parser (missing or malformed arguments) are
-# printed with the subparser's prog, e.g. 'loraplex push: error: ...', not 'loraplex: error: ...'.
-SUBPARSER_PREFIX_BUG = pytest.mark.xfail(strict=True, reason=(
-    "usage errors found by a subcommand's parser start with 'loraplex <command>: error:', not 'loraplex: error:'"))
-
-
 @pytest.mark.parametrize("args, rc, contains", [
     (["bogus"], 2, "invalid choice: 'bogus'"),
     (["ls", "--no-such-flag"], 2, "unrecognized arguments: --no-such-flag"),
-    pytest.param(["push", "somewhere"], 2, "required: --name", marks=SUBPARSER_PREFIX_BUG),
-    pytest.param(["tag", "foo@1"], 2, "required: alias", marks=SUBPARSER_PREFIX_BUG),
-    pytest.param(["push", "somewhere", "--name", "x", "--alias"], 2, "expected one argument", marks=SUBPARSER_PREFIX_BUG),
+    pytest.param(["push", "somewhere"], 2, "required: --name"),
+    pytest.param(["tag", "foo@1"], 2, "required: alias"),
+    pytest.param(["push", "somewhere", "--name", "x", "--alias"], 2, "expected one argument"),
     (["ls", "--registry", "ftp://x"], 1, "unsupported scheme 'ftp'"),
     (["ls", "--registry", "s3://"], 1, "missing bucket"),
     (["ls", "--registry", "s3://bucket/p?colour=blue"], 1, "unknown option(s) colour"),
@@ -312,7 +306,18 @@ def test_usage_error_line_shape(folder_cli):
     for args in (["push", "somewhere"], ["tag", "foo@1"], ["push", "somewhere", "--name", "x", "--alias"]):
         p = folder_cli(*args, registry=False)
         assert p.returncode == 2 and p.stdout == "", p
-        assert p.stderr.count("\n") == 1 and ": error: " in p.stderr and p.stderr.startswith("loraplex"), p
+        assert p.stderr.count("\n") == 1 and p.stderr.startswith("loraplex: error: "), p
+
+
+def test_registry_path_is_a_file(folder_cli, tmp_path):
+    (tmp_path / "plain-file").write_text("not a folder")
+    one_line_error(folder_cli("ls", registry=(tmp_path / "plain-file").as_uri()), rc=1)
+
+
+def test_registry_path_is_a_file_push(folder_cli, tmp_path, make_adapter):
+    (tmp_path / "plain-file").write_text("not a folder")
+    one_line_error(folder_cli("push", make_adapter(), "--name", "x", registry=(tmp_path / "plain-file").as_uri()),
+                   rc=1, contains="not a directory")
 
 
 @pytest.mark.parametrize("content, contains", [

@@ -1,0 +1,224 @@
+"""Per-request sampling, vectorized over the batch of one decode step.
+
+Order of processing (vLLM's): repetition penalty (prompt + output tokens), then frequency and
+presence penalties (output tokens only); greedy rows take the argmax of those logits; the other
+rows are divided by their temperature, truncated by top-k, then top-p (on the renormalized top-k
+mass), then min-p (relative to the most likely token), all in one sort; then one token is drawn
+per row.
+
+Drawing uses the exponential race ``argmax(probs / E)``, ``E ~ Exponential(1)``, which picks token i
+with probability ``probs[i]``. A seeded row draws its ``V`` exponentials from its own generator (one
+call per row, always ``V`` values per sampled step), so its tokens depend only on its seed and its
+own history, never on the other rows of the batch; unseeded rows share one batched draw from the
+sampler's generator. Greedy rows consume no randomness.
+
+Logprobs are those of the *raw* model distribution: ``log_softmax(logits)`` in float32, before
+penalties, temperature and truncation. This is what OpenAI reports ("the model's logprobs") and
+vLLM V1's default (``logprobs_mode="raw_logprobs"``): the numbers describe the model, not the knobs,
+are finite for every token (truncation would make them ``-inf``) and agree between a greedy and a
+sampled request. ``SampleOutput.logprobs`` is always filled (it costs one logsumexp per row);
+``top_logprobs`` is filled only if some row asked for ``logprobs``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
+MAX_STOP = 16
+MAX_LOGPROBS = 20
+
+
+def _num(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """The OpenAI/vLLM sampling knobs of one request; invalid values raise ``ValueError``."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        checks = [
+            ("max_tokens", _int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", _num(self.temperature) and 0 <= self.temperature <= 2, "in [0, 2]"),
+            ("top_p", _num(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", _int(self.top_k) and self.top_k >= -1, "-1 or 0 (off) or an integer >= 1"),
+            ("min_p", _num(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("seed", self.seed is None or _int(self.seed), "an integer or null"),
+            ("stop", len(stop) <= MAX_STOP and all(isinstance(s, str) and s for s in stop),
+             f"at most {MAX_STOP} non-empty strings"),
+            ("stop_token_ids", all(_int(t) and t >= 0 for t in self.stop_token_ids),
+             "a list of integers >= 0"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "a boolean"),
+            ("presence_penalty", _num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "in [-2, 2]"),
+            ("frequency_penalty",
+             _num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+            ("repetition_penalty", _num(self.repetition_penalty) and 0 < self.repetition_penalty
+             and math.isfinite(self.repetition_penalty), "a finite number > 0"),
+            ("logprobs", self.logprobs is None or (_int(self.logprobs)
+                                                   and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"null or an integer in [0, {MAX_LOGPROBS}]"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _EPS
+
+    @property
+    def penalized(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1.0)
+
+    @property
+    def truncated(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+
+@dataclass(slots=True)
+class SampleOutput:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor  # [B] float32, raw model logprob of token_ids
+    top_logprobs: list[list[tuple[int, float]]] | None  # B lists of (token, logprob), descending
+
+
+def make_generator(seed: int | None,
+                   device: str | torch.device = "cpu") -> torch.Generator | None:
+    """A generator seeded with ``seed`` (any int, taken modulo 2**64); None if ``seed`` is None."""
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed % 2**64)
+    return gen
+
+
+def _counts(ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """Token counts per row: [n, V] float32 (ids outside [0, V) are ignored)."""
+    width = max((len(row) for row in ids), default=0)
+    padded = torch.full((len(ids), width + 1), vocab, dtype=torch.int64)  # [n, L+1], pad = V
+    for i, row in enumerate(ids):
+        padded[i, : len(row)] = torch.as_tensor(row, dtype=torch.int64)
+    padded = padded.masked_fill((padded < 0) | (padded >= vocab), vocab).to(device)
+    counts = torch.zeros(len(ids), vocab + 1, device=device)  # [n, V+1]
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
+    return counts[:, :vocab]
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
+                    prompt_ids: list[list[int]], output_ids: list[list[int]]) -> torch.Tensor:
+    """Penalized float32 copy of ``logits`` [n, V] (vLLM semantics), one row per request:
+
+    repetition r (prompt + output tokens): ``l / r`` if ``l > 0`` else ``l * r``;
+    then ``l -= frequency * count_in_output + presence * (count_in_output > 0)``.
+    """
+    out = logits.to(torch.float32, copy=True)
+    vocab, dev = out.shape[1], out.device
+    out_counts = _counts(output_ids, vocab, dev)  # [n, V]
+    seen = (_counts(prompt_ids, vocab, dev) + out_counts) > 0  # [n, V]
+    rep = torch.tensor([p.repetition_penalty for p in params], device=dev).unsqueeze(1)  # [n, 1]
+    freq = torch.tensor([p.frequency_penalty for p in params], device=dev).unsqueeze(1)
+    pres = torch.tensor([p.presence_penalty for p in params], device=dev).unsqueeze(1)
+    out = torch.where(seen, torch.where(out > 0, out / rep, out * rep), out)
+    return out - freq * out_counts - pres * (out_counts > 0).to(out.dtype)
+
+
+def _truncate(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Top-k, then top-p, then min-p on temperature-scaled logits [n, V], in one sort."""
+    vocab, dev = logits.shape[1], logits.device
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)  # [n, 1]
+    min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)  # [n, 1]
+    srt, idx = logits.sort(dim=1, descending=True)  # [n, V]
+    ranks = torch.arange(vocab, device=dev).unsqueeze(0)  # [1, V]
+    srt = srt.masked_fill(ranks >= top_k.unsqueeze(1), -math.inf)
+    probs = srt.softmax(dim=1)  # renormalized over the top-k
+    mass_before = probs.cumsum(dim=1) - probs  # smallest prefix whose mass >= p: mass before < p
+    drop = ((mass_before >= top_p) & (top_p < 1)) | (probs < min_p * probs[:, :1])
+    drop[:, 0] = False  # the most likely token always survives
+    return torch.empty_like(logits).scatter_(1, idx, srt.masked_fill(drop, -math.inf))
+
+
+class Sampler:
+    """Draws one token per row of a batch of logits; unseeded rows use this sampler's generator."""
+
+    def __init__(self, device: str | torch.device = "cpu", seed: int | None = None) -> None:
+        self.generator = torch.Generator(device=device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed % 2**64)
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None], prompt_token_ids: list[list[int]],
+               output_token_ids: list[list[int]]) -> SampleOutput:
+        batch, vocab = logits.shape
+        lengths = {len(params), len(generators), len(prompt_token_ids), len(output_token_ids)}
+        if lengths != {batch}:
+            raise ValueError(f"sample() got {batch} logit rows but per-request lists of {lengths}")
+        dev = logits.device
+        raw = logits.float()  # [B, V]; never written to
+        proc = raw
+        pen = [i for i, p in enumerate(params) if p.penalized]
+        if pen:
+            proc = raw.clone()
+            proc[pen] = apply_penalties(raw[pen], [params[i] for i in pen],
+                                        [prompt_token_ids[i] for i in pen],
+                                        [output_token_ids[i] for i in pen])
+        tokens = proc.argmax(dim=1)  # [B]; final for greedy rows
+        rnd = [i for i, p in enumerate(params) if not p.greedy]
+        if rnd:
+            temps = torch.tensor([params[i].temperature for i in rnd], device=dev).unsqueeze(1)
+            scaled = proc[rnd] / temps  # [n, V]
+            trunc = [j for j, i in enumerate(rnd) if params[i].truncated]
+            if trunc:
+                scaled[trunc] = _truncate(scaled[trunc], [params[rnd[j]] for j in trunc])
+            probs = scaled.softmax(dim=1)  # [n, V]
+            noise = torch.empty_like(probs)  # [n, V], Exponential(1)
+            shared = [j for j, i in enumerate(rnd) if generators[i] is None]
+            if shared:
+                noise[shared] = torch.empty(len(shared), vocab, device=dev).exponential_(
+                    generator=self.generator)
+            for j, i in enumerate(rnd):
+                if generators[i] is not None:
+                    noise[j] = torch.empty(vocab, device=dev).exponential_(generator=generators[i])
+            noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # an exact 0 would make 0/0 = nan
+            tokens[rnd] = (probs / noise).argmax(dim=1)
+        logprobs_all = raw - raw.logsumexp(dim=1, keepdim=True)  # [B, V]
+        chosen = logprobs_all.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [B]
+        top: list[list[tuple[int, float]]] | None = None
+        want = [p.logprobs or 0 for p in params]
+        if any(p.logprobs is not None for p in params):
+            top = [[] for _ in params]
+            if max(want) > 0:
+                vals, ids = logprobs_all.topk(max(want), dim=1)  # [B, k], descending
+                vals, ids = vals.tolist(), ids.tolist()
+                for i, k in enumerate(want):
+                    top[i] = list(zip(ids[i][:k], vals[i][:k]))
+        return SampleOutput(token_ids=tokens, logprobs=chosen, top_logprobs=top)
