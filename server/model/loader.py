@@ -161,7 +161,8 @@ def convert_embedded(cache_dir: Path) -> Path:
             tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=name)
             model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=name, dtype=torch.float32)
         except Exception as exc:  # a corrupt or unexpected GGUF: one line, not a deep traceback
-            raise ConfigError(f"converting {gguf_path} failed: {type(exc).__name__}: {exc}") from exc
+            first = (str(exc).splitlines() or [""])[0]
+            raise ConfigError(f"converting {gguf_path} failed: {type(exc).__name__}: {first}") from exc
         bad = [n for n, t in model.state_dict().items() if not t.is_floating_point()]
         if bad:
             raise ConfigError(f"GGUF conversion left non-float tensors (e.g. {bad[0]})")

@@ -1,0 +1,56 @@
+"""Turning the scheduler's choice for one step into the decoder's ``StepBatch``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..lora.bank import LoraBatch
+from ..model.decoder import PrefillChunk, StepBatch
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """One sequence's share of a step: feed ``tokens`` at positions first_pos... into its KV slot."""
+
+    tokens: list[int]
+    first_pos: int
+    slot: int
+    lora: list[tuple[int, float]]  # (bank slot, weight); empty for the base model
+    wants_logits: bool  # False for a prefill chunk that is not the prompt's last
+
+
+def build_step(work: list[Work], slot_ranks: dict[int, int], dtype: torch.dtype, device) -> StepBatch:
+    """Decodes (single tokens past position 0) first, prefill chunks after, in the given order."""
+    decodes = [w for w in work if len(w.tokens) == 1 and w.first_pos > 0]
+    prefills = [w for w in work if not (len(w.tokens) == 1 and w.first_pos > 0)]
+    ids, pos, slots, chunks, logit_rows, lora_rows = [], [], [], [], [], []
+    for w in decodes + prefills:
+        start = len(ids)
+        ids.extend(w.tokens)
+        pos.extend(range(w.first_pos, w.first_pos + len(w.tokens)))
+        slots.extend([w.slot] * len(w.tokens))
+        if len(w.tokens) > 1 or w.first_pos == 0:
+            chunks.append(PrefillChunk(start, len(w.tokens), w.slot, w.first_pos))
+        if w.wants_logits:
+            logit_rows.append(len(ids) - 1)
+        if w.lora:
+            lora_rows.append((start, len(w.tokens), w.lora))
+    d = len(decodes)
+    dslots = [w.slot for w in decodes]
+    lens = [w.first_pos + 1 for w in decodes]
+    lmax = max(lens, default=0)
+    mask = None
+    if d and min(lens) != lmax:
+        mask = (torch.arange(lmax, device=device).unsqueeze(0) < torch.tensor(lens, device=device).unsqueeze(1))
+        mask = mask.view(d, 1, 1, lmax)
+    contiguous = d > 0 and dslots == list(range(dslots[0], dslots[0] + d))
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    return StepBatch(
+        input_ids=as_long(ids), positions=as_long(pos), slots=as_long(slots), num_decode=d,
+        decode_slots=as_long(dslots), decode_mask=mask, decode_len=lmax,
+        decode_first_slot=dslots[0] if contiguous else None, prefills=tuple(chunks),
+        logit_rows=as_long(logit_rows),
+        lora=LoraBatch.build(lora_rows, len(ids), slot_ranks, dtype, device) if lora_rows else None,
+    )
