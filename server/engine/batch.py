@@ -21,12 +21,15 @@ class Work:
     wants_logits: bool  # False for a prefill chunk that is not the prompt's last
 
 
-def build_step(work: list[Work], slot_ranks: dict[int, int], dtype: torch.dtype, device) -> StepBatch:
-    """Decodes (single tokens past position 0) first, prefill chunks after, in the given order."""
-    decodes = [w for w in work if len(w.tokens) == 1 and w.first_pos > 0]
-    prefills = [w for w in work if not (len(w.tokens) == 1 and w.first_pos > 0)]
-    ids, pos, slots, chunks, logit_rows, lora_rows = [], [], [], [], [], []
-    for w in decodes + prefills:
+def build_step(work: list[Work], slot_ranks: dict[int, int], dtype: torch.dtype, device) -> tuple[StepBatch, list[int]]:
+    """The batch (decodes, i.e. single tokens past position 0, first; prefill chunks after), and the
+    indices into ``work`` of the rows of its logits, in order."""
+    is_decode = [len(w.tokens) == 1 and w.first_pos > 0 for w in work]
+    order = [i for i, d in enumerate(is_decode) if d] + [i for i, d in enumerate(is_decode) if not d]
+    decodes = [work[i] for i in order if is_decode[i]]
+    ids, pos, slots, chunks, logit_rows, lora_rows, sampled = [], [], [], [], [], [], []
+    for i in order:
+        w = work[i]
         start = len(ids)
         ids.extend(w.tokens)
         pos.extend(range(w.first_pos, w.first_pos + len(w.tokens)))
@@ -35,6 +38,7 @@ def build_step(work: list[Work], slot_ranks: dict[int, int], dtype: torch.dtype,
             chunks.append(PrefillChunk(start, len(w.tokens), w.slot, w.first_pos))
         if w.wants_logits:
             logit_rows.append(len(ids) - 1)
+            sampled.append(i)
         if w.lora:
             lora_rows.append((start, len(w.tokens), w.lora))
     d = len(decodes)
@@ -47,10 +51,11 @@ def build_step(work: list[Work], slot_ranks: dict[int, int], dtype: torch.dtype,
         mask = mask.view(d, 1, 1, lmax)
     contiguous = d > 0 and dslots == list(range(dslots[0], dslots[0] + d))
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-    return StepBatch(
+    batch = StepBatch(
         input_ids=as_long(ids), positions=as_long(pos), slots=as_long(slots), num_decode=d,
         decode_slots=as_long(dslots), decode_mask=mask, decode_len=lmax,
         decode_first_slot=dslots[0] if contiguous else None, prefills=tuple(chunks),
         logit_rows=as_long(logit_rows),
         lora=LoraBatch.build(lora_rows, len(ids), slot_ranks, dtype, device) if lora_rows else None,
     )
+    return batch, sampled

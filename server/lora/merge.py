@@ -13,11 +13,15 @@ parameters. Strategies are looked up by name in ``STRATEGIES`` (see ``register_s
   Exact: the delta is ``sum w_i delta_i``; the rank is the sum of the ranks.
 * ``svd``, ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``: combine
   the dense deltas ``s_i B_i A_i``, then truncate an SVD to ``svd_rank`` (default: the largest source
-  rank), optionally clamping the factors' entries at the ``svd_clamp`` quantile.
+  rank), optionally clamping the factors' entries at the ``svd_clamp`` quantile. (PEFT's default is a
+  full SVD, ``full_matrices=True``; the reduced one used here has the same leading factors and costs far
+  less on wide MLP matrices.)
 
 The result's scale is always 1.0, as in PEFT, which gives the merged adapter ``r = lora_alpha =
-new_rank``. Modules that only some sources carry are merged from those sources alone (the others
-contribute nothing, and draw no random numbers), as PEFT does. With a single source every strategy is
+new_rank``. (PEFT copies the rest of the first source's config, so with ``use_rslora=True`` there
+its merged adapter is scaled by ``sqrt(new_rank)`` instead: a PEFT quirk not reproduced here.)
+Modules that only some sources carry are merged from those sources alone (the others contribute
+nothing, and draw no random numbers), as PEFT does. With a single source every strategy is
 ``linear``, as in PEFT (so no pruning, no SVD truncation).
 
 Random strategies (``dare_*``) draw ``torch.bernoulli`` masks in PEFT's order: modules in model order
@@ -199,7 +203,7 @@ def _svd_strategy(base: str) -> type[MergeStrategy]:
             delta = COMBINERS[base](deltas, torch.tensor(weights).to(device), spec, gen)
             if delta.dtype in (torch.float16, torch.bfloat16):
                 delta = delta.float()  # no half-precision SVD on CPU
-            u, s, vh = torch.linalg.svd(delta, full_matrices=True)
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
             u = u[:, :new_rank] @ torch.diag(s[:new_rank])
             vh = vh[:new_rank, :]
             if spec.svd_clamp is not None:

@@ -172,6 +172,7 @@ def convert_embedded(cache_dir: Path) -> Path:
             del model.config.quantization_config
         model.to(torch.bfloat16).save_pretrained(tmp)  # tied lm_head is saved once, as the embedding
         tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first: keep its folder

@@ -1,0 +1,235 @@
+"""The engine: requests in, tokens out, many adapters per forward pass.
+
+``step()`` is the whole loop body: schedule, build the batch, run the decoder once, sample,
+append, detokenize, finish. It never waits on I/O: adapter loads run on the manager's thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from ..lora.bank import LoraBank
+from ..lora.manager import AdapterManager, Loader
+from ..lora.weights import LoraWeights
+from ..model.decoder import Decoder
+from .batch import Work, build_step
+from .kv_cache import CacheShape, KVCache
+from .sampling import Sampler, SamplingParams, make_generator
+from .scheduler import SchedulerConfig, Scheduler
+from .sequence import RequestOutput, Sequence, Status
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_loras: int = 8  # adapters resident in device slots at once
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 32  # adapters kept in host memory
+    max_running: int = 32  # concurrent sequences (KV slots)
+    max_model_len: int = 1024  # prompt + output tokens per sequence
+    max_batched_tokens: int = 512
+    prefill_chunk: int = 256
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "max_running", "max_model_len",
+                     "max_batched_tokens", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, config, tokenizer=None, *, engine_config: EngineConfig = EngineConfig(),
+                 loader: Loader | None = None, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> None:
+        self.config = engine_config
+        self.tokenizer = tokenizer
+        self.dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self.device = device
+        self.decoder = Decoder(model, config, self.dtype, device)
+        if self.decoder.max_positions < engine_config.max_model_len:
+            self.decoder.extend_rope(engine_config.max_model_len)
+        self.cache = KVCache(CacheShape(len(self.decoder.layers), engine_config.max_running, engine_config.max_model_len,
+                                        self.decoder.num_kv_heads, self.decoder.head_dim), self.dtype, device)
+        self.bank = LoraBank(self.decoder.module_shapes(), engine_config.max_loras, engine_config.max_lora_rank,
+                             self.dtype, device)
+        self.adapters = AdapterManager(self.bank, loader or _no_loader, engine_config.max_cpu_loras)
+        self.scheduler = Scheduler(SchedulerConfig(engine_config.max_running, engine_config.max_batched_tokens,
+                                                   engine_config.prefill_chunk), self.cache, self.adapters)
+        self.sampler = Sampler(device, engine_config.seed)
+        self.vocab_size = config.vocab_size
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams = SamplingParams(), *,
+                    adapters: str | Seq[tuple[str, float]] | None = None, request_id: str | None = None) -> str:
+        """Queue a request. ``adapters``: one adapter name, or (name, weight) pairs for a mixture."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self._encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(ids) + 1 > self.config.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this engine allows at most {self.config.max_model_len - 1}")
+        mix = _normalize_adapters(adapters)
+        seq = Sequence(request_id, ids, params, mix, make_generator(params.seed, self.device))
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def register_adapter(self, name: str, loader: Callable[[str], LoraWeights]) -> None:
+        """Serve ``name`` from a custom loader (a merge, an in-memory adapter)."""
+        self.adapters.register_derived(name, loader)
+
+    def abort(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None and not seq.finished:
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass token ids")
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        return [int(t) for t in prompt]
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        outputs = [self._fail(seq, exc) for seq, exc in self.scheduler.failed]
+        self.scheduler.failed.clear()
+        if not plan:
+            return outputs
+        work = []
+        for s in plan:
+            seq = s.seq
+            if seq.prefilling:
+                tokens = seq.prompt_ids[seq.num_cached:seq.num_cached + s.num_tokens]
+                wants = seq.num_cached + s.num_tokens == len(seq.prompt_ids)
+            else:
+                tokens, wants = [seq.all_ids[-1]], True
+            work.append(Work(tokens, seq.num_cached, seq.slot, s.lora, wants))
+        batch, rows = build_step(work, self.bank.ranks, self.dtype, self.device)
+        logits = self.decoder.forward(batch, self.cache, self.bank)
+        for s, w in zip(plan, work):
+            s.seq.num_cached += len(w.tokens)
+        sampled = [plan[i].seq for i in rows]
+        if sampled:
+            out = self.sampler.sample(logits, [q.params for q in sampled], [q.generator for q in sampled],
+                                      [q.prompt_ids for q in sampled], [q.output_ids for q in sampled])
+            for i, seq in enumerate(sampled):
+                top = out.top_logprobs[i] if out.top_logprobs is not None else None
+                outputs.append(self._append(seq, int(out.token_ids[i]), float(out.logprobs[i]), top))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob: float, top) -> RequestOutput:
+        seq.output_ids.append(token)
+        seq.logprobs.append(logprob)
+        if seq.params.logprobs is not None:
+            seq.top_logprobs.append(top or [])
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            seq.finish_reason = "length"
+        self._detokenize(seq)
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+            self._seqs.pop(seq.request_id, None)
+        return self._output(seq)
+
+    def _detokenize(self, seq: Sequence) -> None:
+        if self.tokenizer is None:
+            return
+        ids = seq.output_ids
+        if seq.finish_reason == "stop" and ids and (ids[-1] in self.eos_ids or ids[-1] in seq.params.stop_token_ids):
+            ids = ids[:-1]  # the stop token is not part of the text
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in seq.params.stop:
+            at = text.find(stop, max(0, seq.emitted_text - len(stop)))
+            if at != -1:
+                text, seq.finish_reason = text[:at], "stop"
+        seq.text = text
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        done = seq.finish_reason is not None
+        text = seq.text
+        visible = len(text)
+        if not done:  # hold back a possible partial stop string and an incomplete character
+            hold = max((len(s) - 1 for s in seq.params.stop), default=0)
+            visible = max(seq.emitted_text, len(text) - hold)
+            while visible > seq.emitted_text and text[visible - 1] == "\ufffd":
+                visible -= 1
+        new_text = text[seq.emitted_text:visible]
+        seq.emitted_text = visible
+        new_ids = seq.output_ids[seq.emitted_tokens:]
+        seq.emitted_tokens = len(seq.output_ids)
+        first = len(seq.output_ids) - len(new_ids)
+        return RequestOutput(
+            seq.request_id, new_ids, new_text, seq.logprobs[first:],
+            seq.top_logprobs[first:] if seq.params.logprobs is not None else None,
+            done, seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids), seq.adapters,
+        )
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        self._seqs.pop(seq.request_id, None)
+        seq.finish_reason = "error"
+        out = self._output(seq)
+        out.error = exc
+        return out
+
+    # ---- convenience -------------------------------------------------------------------------------
+    def generate(self, prompts: Seq[str | list[int]], params: SamplingParams | Seq[SamplingParams] = SamplingParams(),
+                 adapters: Seq[str | Seq[tuple[str, float]] | None] | None = None) -> list[Sequence]:
+        """Run prompts to completion (offline use and tests); returns the finished sequences in order."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        alist = list(adapters) if adapters is not None else [None] * len(prompts)
+        ids = [self.add_request(p, sp, adapters=a) for p, sp, a in zip(prompts, plist, alist)]
+        seqs = [self._seqs[i] for i in ids]
+        while self.has_work():
+            for out in self.step():
+                if out.error is not None:
+                    raise out.error
+            if not self.scheduler.running and self.scheduler.waiting:
+                self.adapters.wait_idle(60)
+        return seqs
+
+
+def _no_loader(name: str) -> LoraWeights:
+    raise KeyError(f"no adapter source configured for {name!r}")
+
+
+def _normalize_adapters(adapters) -> tuple[tuple[str, float], ...]:
+    if adapters is None:
+        return ()
+    if isinstance(adapters, str):
+        return ((adapters, 1.0),)
+    mix = tuple((str(n), float(w)) for n, w in adapters)
+    names = [n for n, _ in mix]
+    if len(set(names)) != len(names):
+        raise ValueError("an adapter appears twice in the mixture")
+    return mix
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    return frozenset(ids)

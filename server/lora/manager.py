@@ -1,0 +1,146 @@
+"""Which adapters sit in the device slots, which wait in host memory, and loading them off the loop.
+
+Tiers: device slots (``LoraBank``, ``max_loras``) <- host LRU (``max_cpu_loras``) <- the loader
+(registry + local cache, or a folder) run on a background thread. The engine asks ``slot_for``
+at schedule time; a miss starts a background load and the request waits while others keep
+decoding; the finished load is copied into a free slot at the next step boundary (``poll``).
+
+Races this prevents: evicting an adapter that a running request still uses (every admitted request
+holds a reference, and only unreferenced slots are evicted); loading one adapter twice when many
+requests for it arrive together (one future per name); a failed load retried forever (the error is
+kept and handed to the waiting requests, then dropped so a later request can try again).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .bank import LoraBank
+from .weights import LoraWeights
+
+Loader = Callable[[str], LoraWeights]
+
+
+@dataclass(slots=True)
+class AdapterStats:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+    load_seconds: list[float] = field(default_factory=list)
+
+
+class AdapterManager:
+    def __init__(self, bank: LoraBank, loader: Loader, max_cpu_loras: int = 16) -> None:
+        self.bank = bank
+        self.loader = loader
+        self.max_cpu_loras = max_cpu_loras
+        self.stats = AdapterStats()
+        self._slots: OrderedDict[str, int] = OrderedDict()  # name -> bank slot, least recently used first
+        self._cpu: OrderedDict[str, LoraWeights] = OrderedDict()  # host tier, LRU
+        self._refs: dict[str, int] = {}
+        self._pending: dict[str, Future] = {}
+        self._failed: dict[str, Exception] = {}
+        self._derived: dict[str, Loader] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lora-loader")
+        self.load_times: dict[str, float] = {}
+
+    # ---- references (held by every admitted request) -------------------------------------------
+    def acquire(self, name: str) -> None:
+        self._refs[name] = self._refs.get(name, 0) + 1
+
+    def release(self, name: str) -> None:
+        n = self._refs.get(name, 0) - 1
+        if n <= 0:
+            self._refs.pop(name, None)
+        else:
+            self._refs[name] = n
+
+    def refs(self, name: str) -> int:
+        return self._refs.get(name, 0)
+
+    def register_derived(self, name: str, loader: Loader) -> None:
+        """A name whose weights are computed (e.g. a merge) instead of loaded."""
+        self._derived.setdefault(name, loader)
+
+    # ---- lookups from the step loop ------------------------------------------------------------------
+    def slot_for(self, name: str) -> int | None:
+        """The bank slot holding name, or None while it loads. Raises the load's error if it failed."""
+        if name in self._slots:
+            self._slots.move_to_end(name)
+            self.stats.hits += 1
+            return self._slots[name]
+        if name in self._failed:
+            raise self._failed.pop(name)
+        weights = self._cpu.get(name)
+        if weights is not None:
+            slot = self._place(name, weights)
+            if slot is not None:
+                self.stats.hits += 1
+            return slot
+        if name not in self._pending:
+            self.stats.misses += 1
+            self._pending[name] = self._pool.submit(self._load, name)
+        return None
+
+    def _load(self, name: str) -> LoraWeights:
+        t = time.perf_counter()
+        weights = (self._derived.get(name) or self.loader)(name)
+        self.bank.check(weights)
+        weights = weights.to(None, self.bank.dtype)  # the host tier stays in host memory
+        self.load_times[name] = time.perf_counter() - t
+        return weights
+
+    def poll(self) -> None:
+        """At a step boundary: move finished loads into the host tier and record failures."""
+        for name, fut in list(self._pending.items()):
+            if not fut.done():
+                continue
+            del self._pending[name]
+            try:
+                weights = fut.result()
+            except Exception as exc:  # handed to the requests waiting for this adapter
+                self._failed[name] = exc
+                continue
+            self.stats.loads += 1
+            self.stats.load_seconds.append(self.load_times.get(name, 0.0))
+            self._cpu[name] = weights
+            self._cpu.move_to_end(name)
+            while len(self._cpu) > self.max_cpu_loras:
+                self._cpu.popitem(last=False)
+
+    def _place(self, name: str, weights: LoraWeights) -> int | None:
+        used = set(self._slots.values())
+        free = [s for s in range(self.bank.max_loras) if s not in used]
+        if not free:
+            victim = next((n for n in self._slots if self.refs(n) == 0 and n != name), None)
+            if victim is None:
+                return None  # every slot serves a running request: wait
+            free = [self._slots.pop(victim)]
+            self.stats.evictions += 1
+        slot = free[0]
+        self.bank.set_lora(slot, weights)
+        self._slots[name] = slot
+        return slot
+
+    def resident(self) -> dict[str, dict]:
+        out = {n: {"tier": "device", "slot": s, "refs": self.refs(n)} for n, s in self._slots.items()}
+        for n in self._cpu:
+            out.setdefault(n, {"tier": "host", "slot": None, "refs": self.refs(n)})
+        for n in self._pending:
+            out.setdefault(n, {"tier": "loading", "slot": None, "refs": self.refs(n)})
+        for n, info in out.items():
+            info["load_seconds"] = self.load_times.get(n)
+        return out
+
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Block until every pending load finished (tests and warm-up)."""
+        for fut in list(self._pending.values()):
+            fut.exception(timeout)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

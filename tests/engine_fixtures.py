@@ -1,0 +1,50 @@
+"""A tiny Llama and PEFT adapters with different ranks and module sets, built in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False)
+
+# name -> LoraConfig kwargs: different ranks, module sets and scalings.
+ADAPTERS = {
+    "qv4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "all8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "mlp16rs": dict(r=16, lora_alpha=8, use_rslora=True, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"]),
+}
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    return model
+
+
+def make_peft_adapters(folder: Path, seed: int = 1, specs: dict = ADAPTERS) -> dict[str, Path]:
+    """Save each adapter as its own PEFT folder (random, non-zero B); returns name -> folder."""
+    out = {}
+    for i, (name, kw) in enumerate(specs.items()):
+        base = tiny_llama()
+        torch.manual_seed(seed + i)
+        peft_model = get_peft_model(base, LoraConfig(**kw, lora_dropout=0.0, init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        peft_model.save_pretrained(folder / name)
+        out[name] = folder / name
+    return out
+
+
+def peft_reference(folders: dict[str, Path]) -> PeftModel:
+    """The tiny base with every adapter loaded into one PeftModel."""
+    names = list(folders)
+    model = PeftModel.from_pretrained(tiny_llama(), str(folders[names[0]]), adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(str(folders[n]), adapter_name=n)
+    return model.eval()
