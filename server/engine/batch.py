@@ -21,11 +21,14 @@ class Work:
     wants_logits: bool  # False for a prefill chunk that is not the prompt's last
 
 
-def build_step(work: list[Work], slot_ranks: dict[int, int], dtype: torch.dtype, device) -> tuple[StepBatch, list[int]]:
+def build_step(work: list[Work], slot_ranks: dict[int, int], lora_dtype: torch.dtype, device) -> tuple[StepBatch, list[int]]:
     """The batch (decodes, i.e. single tokens past position 0, first; prefill chunks after), and the
     indices into ``work`` of the rows of its logits, in order."""
     is_decode = [len(w.tokens) == 1 and w.first_pos > 0 for w in work]
-    order = [i for i, d in enumerate(is_decode) if d] + [i for i, d in enumerate(is_decode) if not d]
+    # Decodes grouped by adapter slot (base first), so LoRA segments are contiguous rows.
+    lora_key = lambda i: (work[i].lora[0][0] if len(work[i].lora) == 1 else -1 if not work[i].lora else 1 << 30)  # noqa: E731
+    order = sorted((i for i, d in enumerate(is_decode) if d), key=lora_key)
+    order += [i for i, d in enumerate(is_decode) if not d]
     decodes = [work[i] for i in order if is_decode[i]]
     ids, pos, slots, chunks, logit_rows, lora_rows, sampled = [], [], [], [], [], [], []
     for i in order:
@@ -56,6 +59,6 @@ def build_step(work: list[Work], slot_ranks: dict[int, int], dtype: torch.dtype,
         decode_slots=as_long(dslots), decode_mask=mask, decode_len=lmax,
         decode_first_slot=dslots[0] if contiguous else None, prefills=tuple(chunks),
         logit_rows=as_long(logit_rows),
-        lora=LoraBatch.build(lora_rows, len(ids), slot_ranks, dtype, device) if lora_rows else None,
+        lora=LoraBatch.build(lora_rows, slot_ranks, lora_dtype, device) if lora_rows else None,
     )
     return batch, sampled

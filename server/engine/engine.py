@@ -53,8 +53,9 @@ class Engine:
             self.decoder.extend_rope(engine_config.max_model_len)
         self.cache = KVCache(CacheShape(len(self.decoder.layers), engine_config.max_running, engine_config.max_model_len,
                                         self.decoder.num_kv_heads, self.decoder.head_dim), self.dtype, device)
+        lora_dtype = torch.float32 if torch.device(device).type == "cpu" else self.dtype
         self.bank = LoraBank(self.decoder.module_shapes(), engine_config.max_loras, engine_config.max_lora_rank,
-                             self.dtype, device)
+                             lora_dtype, device)
         self.adapters = AdapterManager(self.bank, loader or _no_loader, engine_config.max_cpu_loras)
         self.scheduler = Scheduler(SchedulerConfig(engine_config.max_running, engine_config.max_batched_tokens,
                                                    engine_config.prefill_chunk), self.cache, self.adapters)
@@ -120,7 +121,7 @@ class Engine:
             else:
                 tokens, wants = [seq.all_ids[-1]], True
             work.append(Work(tokens, seq.num_cached, seq.slot, s.lora, wants))
-        batch, rows = build_step(work, self.bank.ranks, self.dtype, self.device)
+        batch, rows = build_step(work, self.bank.ranks, self.bank.dtype, self.device)
         logits = self.decoder.forward(batch, self.cache, self.bank)
         for s, w in zip(plan, work):
             s.seq.num_cached += len(w.tokens)

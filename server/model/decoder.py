@@ -89,10 +89,11 @@ class Decoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def _linear(self, module, key: ModuleKey, x: torch.Tensor, bank: LoraBank | None, batch: StepBatch, xg) -> torch.Tensor:
+    @staticmethod
+    def _linear(module, key: ModuleKey, x: torch.Tensor, bank: LoraBank | None, lora: LoraBatch | None, xs) -> torch.Tensor:
         y = module(x)
-        if batch.lora is not None and bank is not None:
-            bank.add_delta(key, x, y, batch.lora, xg)
+        if lora is not None:
+            bank.add_delta(key, xs, y, lora)
         return y
 
     @torch.inference_mode()
@@ -104,26 +105,26 @@ class Decoder:
         sin = self._sin[batch.positions].unsqueeze(1)
         lora = batch.lora if bank is not None else None
 
-        def gathered(x: torch.Tensor):
-            return x.index_select(0, lora.gather) if lora is not None and not lora.identity else None
+        def segments(x: torch.Tensor):  # LoRA input segments, shared by the projections that read x
+            return bank.segments(x, lora) if lora is not None else None
 
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(h)
-            xg = gathered(x)
-            q = self._linear(attn.q_proj, ModuleKey(i, "q_proj"), x, bank, batch, xg).view(t, self.num_heads, self.head_dim)
-            k = self._linear(attn.k_proj, ModuleKey(i, "k_proj"), x, bank, batch, xg).view(t, self.num_kv_heads, self.head_dim)
-            v = self._linear(attn.v_proj, ModuleKey(i, "v_proj"), x, bank, batch, xg).view(t, self.num_kv_heads, self.head_dim)
+            xs = segments(x)
+            q = self._linear(attn.q_proj, ModuleKey(i, "q_proj"), x, bank, lora, xs).view(t, self.num_heads, self.head_dim)
+            k = self._linear(attn.k_proj, ModuleKey(i, "k_proj"), x, bank, lora, xs).view(t, self.num_kv_heads, self.head_dim)
+            v = self._linear(attn.v_proj, ModuleKey(i, "v_proj"), x, bank, lora, xs).view(t, self.num_kv_heads, self.head_dim)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             cache.write(i, batch.slots, batch.positions, k, v)
             o = self._attention(i, q, batch, cache)  # [T, heads * head_dim]
-            h = h + self._linear(attn.o_proj, ModuleKey(i, "o_proj"), o, bank, batch, gathered(o))
+            h = h + self._linear(attn.o_proj, ModuleKey(i, "o_proj"), o, bank, lora, segments(o))
             x = layer.post_attention_layernorm(h)
-            xg = gathered(x)
-            g = self._linear(mlp.gate_proj, ModuleKey(i, "gate_proj"), x, bank, batch, xg)
-            u = self._linear(mlp.up_proj, ModuleKey(i, "up_proj"), x, bank, batch, xg)
+            xs = segments(x)
+            g = self._linear(mlp.gate_proj, ModuleKey(i, "gate_proj"), x, bank, lora, xs)
+            u = self._linear(mlp.up_proj, ModuleKey(i, "up_proj"), x, bank, lora, xs)
             a = mlp.act_fn(g) * u
-            h = h + self._linear(mlp.down_proj, ModuleKey(i, "down_proj"), a, bank, batch, gathered(a))
+            h = h + self._linear(mlp.down_proj, ModuleKey(i, "down_proj"), a, bank, lora, segments(a))
         h = self.norm(h.index_select(0, batch.logit_rows))
         return self.lm_head(h).float()
 
