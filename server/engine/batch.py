@@ -45,8 +45,10 @@ def build_step(work: list[Work], slot_ranks: dict[int, int], lora_dtype: torch.d
         if w.lora:
             lora_rows.append((start, len(w.tokens), w.lora))
     d = len(decodes)
-    dslots = [w.slot for w in decodes]
-    lens = [w.first_pos + 1 for w in decodes]
+    # Attention reads the cache in slot order; rows are in adapter order: keep the permutation.
+    perm = sorted(range(d), key=lambda r: decodes[r].slot)
+    dslots = [decodes[r].slot for r in perm]
+    lens = [decodes[r].first_pos + 1 for r in perm]
     lmax = max(lens, default=0)
     mask = None
     if d and min(lens) != lmax:
@@ -57,7 +59,8 @@ def build_step(work: list[Work], slot_ranks: dict[int, int], lora_dtype: torch.d
     batch = StepBatch(
         input_ids=as_long(ids), positions=as_long(pos), slots=as_long(slots), num_decode=d,
         decode_slots=as_long(dslots), decode_mask=mask, decode_len=lmax,
-        decode_first_slot=dslots[0] if contiguous else None, prefills=tuple(chunks),
+        decode_first_slot=dslots[0] if contiguous else None,
+        decode_perm=None if perm == list(range(d)) else as_long(perm), prefills=tuple(chunks),
         logit_rows=as_long(logit_rows),
         lora=LoraBatch.build(lora_rows, slot_ranks, lora_dtype, device) if lora_rows else None,
     )

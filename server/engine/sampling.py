@@ -210,14 +210,15 @@ class Sampler:
                     noise[j] = torch.empty(vocab, device=dev).exponential_(generator=generators[i])
             noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # an exact 0 would make 0/0 = nan
             tokens[rnd] = (probs / noise).argmax(dim=1)
-        logprobs_all = raw - raw.logsumexp(dim=1, keepdim=True)  # [B, V]
-        chosen = logprobs_all.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [B]
+        lse = raw.logsumexp(dim=1, keepdim=True)  # [B, 1]
+        chosen = (raw.gather(1, tokens.unsqueeze(1)) - lse).squeeze(1)  # [B]
         top: list[list[tuple[int, float]]] | None = None
         want = [p.logprobs or 0 for p in params]
         if any(p.logprobs is not None for p in params):
             top = [[] for _ in params]
             if max(want) > 0:
-                vals, ids = logprobs_all.topk(max(want), dim=1)  # [B, k], descending
+                vals, ids = raw.topk(max(want), dim=1)  # [B, k], descending
+                vals = vals - lse
                 vals, ids = vals.tolist(), ids.tolist()
                 for i, k in enumerate(want):
                     top[i] = list(zip(ids[i][:k], vals[i][:k]))

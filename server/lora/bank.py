@@ -70,18 +70,53 @@ class LoraBatch:
         )
 
 
+# Projections that read the same input share one shrink matmul and one expand matmul.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",),
+}
+GROUP_OF = {proj: (g, i) for g, members in GROUPS.items() for i, proj in enumerate(members)}
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class GroupKey:
+    layer: int
+    group: str  # a key of GROUPS
+
+
 class LoraBank:
+    """Slot buffers per (layer, group): one shrink factor for the group, ``a: [slots, in, n * R]``
+    (column ``p * R + j`` is rank j of member p), and one expand factor per member,
+    ``b[p]: [slots, R, out_p]``. The expand is not fused across members: a block-diagonal fused
+    ``b`` would read n times the bytes, and the LoRA cost here is memory traffic, not FLOPs."""
+
     def __init__(self, shapes: dict[ModuleKey, tuple[int, int]], max_loras: int, max_rank: int,
                  compute_dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         self.max_loras, self.max_rank, self.dtype, self.device = max_loras, max_rank, compute_dtype, device
         self.shapes = shapes
-        self.a = {k: torch.zeros(max_loras, i, max_rank, dtype=compute_dtype, device=device) for k, (i, o) in shapes.items()}  # [slots, in, R]
-        self.b = {k: torch.zeros(max_loras, max_rank, o, dtype=compute_dtype, device=device) for k, (i, o) in shapes.items()}  # [slots, R, out]
+        self.members: dict[GroupKey, list[tuple[str, int, int]]] = {}  # (proj, out offset, out size)
+        in_of: dict[GroupKey, int] = {}
+        for key, (in_f, out_f) in sorted(shapes.items()):
+            g, _ = GROUP_OF[key.proj]
+            gk = GroupKey(key.layer, g)
+            members = self.members.setdefault(gk, [])
+            members.append((key.proj, sum(m[2] for m in members), out_f))
+            in_of[gk] = in_f
+        for gk, members in self.members.items():  # member order as in GROUPS
+            order = GROUPS[gk.group]
+            members.sort(key=lambda m: order.index(m[0]))
+            off = 0
+            for i, (proj, _, out_f) in enumerate(members):
+                members[i] = (proj, off, out_f)
+                off += out_f
+        self.a = {gk: torch.zeros(max_loras, in_of[gk], max_rank * len(m), dtype=compute_dtype, device=device)
+                  for gk, m in self.members.items()}  # [slots, in, R * n]
+        self.b = {gk: [torch.zeros(max_loras, max_rank, x[2], dtype=compute_dtype, device=device) for x in m]
+                  for gk, m in self.members.items()}  # per member [slots, R, out_p]
         self.ranks: dict[int, int] = {}  # slot -> rank of the adapter in it
 
     @property
     def slot_nbytes(self) -> int:
-        return sum(t[0].nbytes for t in self.a.values()) + sum(t[0].nbytes for t in self.b.values())
+        return sum(t[0].nbytes for t in self.a.values()) + sum(t[0].nbytes for bs in self.b.values() for t in bs)
 
     def check(self, weights: LoraWeights) -> None:
         """Raise ValueError if the adapter cannot go into a slot (rank, unknown module, shape)."""
@@ -98,15 +133,19 @@ class LoraBank:
         self.check(weights)
         self.clear(slot)
         for key, m in weights.modules.items():
-            r = m.rank
-            self.a[key][slot, :, :r].copy_(m.a.t())
-            self.b[key][slot, :r].copy_(m.b.t().float() * m.scale)
+            g, _ = GROUP_OF[key.proj]
+            gk = GroupKey(key.layer, g)
+            p = next(i for i, mem in enumerate(self.members[gk]) if mem[0] == key.proj)
+            r, big_r = m.rank, self.max_rank
+            self.a[gk][slot, :, p * big_r:p * big_r + r].copy_(m.a.t())
+            self.b[gk][p][slot, :r].copy_(m.b.t().float() * m.scale)
         self.ranks[slot] = weights.rank
 
     def clear(self, slot: int) -> None:
-        for key in self.shapes:
-            self.a[key][slot].zero_()
-            self.b[key][slot].zero_()
+        for gk in self.members:
+            self.a[gk][slot].zero_()
+            for b in self.b[gk]:
+                b[slot].zero_()
         self.ranks.pop(slot, None)
 
     def segments(self, x: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
@@ -118,21 +157,26 @@ class LoraBank:
             xs = x.index_select(0, batch.gather)
         return xs.to(self.dtype).view(s, seg, -1)
 
-    def add_delta(self, key: ModuleKey, xs: torch.Tensor, y: torch.Tensor, batch: LoraBatch) -> None:
-        """y [T, out] += LoRA delta, given xs = segments(x) [S, L, in]."""
-        r, s, seg = batch.rank, batch.slots.numel(), batch.seg_len
+    def add_delta(self, key: GroupKey, xs: torch.Tensor, ys: list[torch.Tensor], batch: LoraBatch) -> None:
+        """Add the group's LoRA delta, given xs = segments(x) [S, L, in], to its outputs: one fused
+        tensor [T, out of all members], or one [T, out] per member."""
+        s, seg, r, big_r = batch.slots.numel(), batch.seg_len, batch.rank, self.max_rank
         if batch.first_slot is not None:
-            a = self.a[key][batch.first_slot:batch.first_slot + s]  # [S, in, R] view
-            b = self.b[key][batch.first_slot:batch.first_slot + s]  # [S, R, out] view
+            pick = lambda t: t[batch.first_slot:batch.first_slot + s]  # noqa: E731  (a view)
         else:
-            a = self.a[key].index_select(0, batch.slots)
-            b = self.b[key].index_select(0, batch.slots)
-        if r < self.max_rank:
-            a, b = a[:, :, :r], b[:, :r]
-        d = torch.bmm(torch.bmm(xs, a), b).view(s * seg, -1)  # [S*L, out]
-        if batch.weights is not None:
-            d = d * batch.weights
+            pick = lambda t: t.index_select(0, batch.slots)  # noqa: E731
+        h = torch.bmm(xs, pick(self.a[key]))  # [S, L, n * R]
+        for p, (_, off, out_f) in enumerate(self.members[key]):
+            d = torch.bmm(h[:, :, p * big_r:p * big_r + r], pick(self.b[key][p])[:, :r]).view(s * seg, out_f)
+            if batch.weights is not None:
+                d = d * batch.weights
+            y = ys[p] if len(ys) > 1 else ys[0][:, off:off + out_f]
+            self._add(y, d, batch)
+
+    @staticmethod
+    def _add(y: torch.Tensor, d: torch.Tensor, batch: LoraBatch) -> None:
         if batch.gather is None:
-            y[batch.dense_start:batch.dense_start + s * seg] += d
+            rows = d.shape[0]
+            y[batch.dense_start:batch.dense_start + rows] += d
         else:
             y.index_add_(0, batch.gather, d.to(y.dtype))

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.kv_cache import KVCache
-from ..lora.bank import LoraBank, LoraBatch
+from ..lora.bank import GroupKey, LoraBank, LoraBatch
 from ..lora.weights import PROJECTIONS, ModuleKey
+from .projection import Projection
 
 SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
 
@@ -41,7 +42,8 @@ class StepBatch:
     decode_slots: torch.Tensor  # [D] int64
     decode_mask: torch.Tensor | None  # [D, 1, 1, Lmax] bool: key position < context length
     decode_len: int  # Lmax: longest decode context this step
-    decode_first_slot: int | None  # decode_slots == range(first, first + D): read the cache by view
+    decode_first_slot: int | None  # sorted decode_slots == range(first, first + D): read the cache by view
+    decode_perm: torch.Tensor | None  # [D] int64: decode rows in slot order (None: already in slot order)
     prefills: tuple[PrefillChunk, ...]
     logit_rows: torch.Tensor  # [N] int64: rows whose next-token logits are needed
     lora: LoraBatch | None
@@ -61,6 +63,13 @@ class Decoder:
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scaling = self.head_dim ** -0.5
+        self.projections = [
+            {"qkv": Projection([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]),
+             "o": Projection([l.self_attn.o_proj]),
+             "gate_up": Projection([l.mlp.gate_proj, l.mlp.up_proj]),
+             "down": Projection([l.mlp.down_proj])}
+            for l in self.layers
+        ]
         rope = inner.rotary_emb
         self._inv_freq = rope.inv_freq.float().to(device)  # [head_dim / 2]
         self._rope_scale = float(getattr(rope, "attention_scaling", 1.0))
@@ -89,12 +98,12 @@ class Decoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    @staticmethod
-    def _linear(module, key: ModuleKey, x: torch.Tensor, bank: LoraBank | None, lora: LoraBatch | None, xs) -> torch.Tensor:
-        y = module(x)
+    def _project(self, layer: int, group: str, x: torch.Tensor, bank: LoraBank | None, lora: LoraBatch | None) -> list[torch.Tensor]:
+        proj = self.projections[layer][group]
+        ys = proj(x)
         if lora is not None:
-            bank.add_delta(key, xs, y, lora)
-        return y
+            bank.add_delta(GroupKey(layer, group), bank.segments(x, lora), ys, lora)
+        return proj.split(ys)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: KVCache, bank: LoraBank | None) -> torch.Tensor:
@@ -104,27 +113,18 @@ class Decoder:
         cos = self._cos[batch.positions].unsqueeze(1)  # [T, 1, head_dim]
         sin = self._sin[batch.positions].unsqueeze(1)
         lora = batch.lora if bank is not None else None
-
-        def segments(x: torch.Tensor):  # LoRA input segments, shared by the projections that read x
-            return bank.segments(x, lora) if lora is not None else None
-
         for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(h)
-            xs = segments(x)
-            q = self._linear(attn.q_proj, ModuleKey(i, "q_proj"), x, bank, lora, xs).view(t, self.num_heads, self.head_dim)
-            k = self._linear(attn.k_proj, ModuleKey(i, "k_proj"), x, bank, lora, xs).view(t, self.num_kv_heads, self.head_dim)
-            v = self._linear(attn.v_proj, ModuleKey(i, "v_proj"), x, bank, lora, xs).view(t, self.num_kv_heads, self.head_dim)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            cache.write(i, batch.slots, batch.positions, k, v)
+            q, k, v = self._project(i, "qkv", x, bank, lora)
+            q = self._rotate(q.view(t, self.num_heads, self.head_dim), cos, sin)
+            k = self._rotate(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+            cache.write(i, batch.slots, batch.positions, k, v.view(t, self.num_kv_heads, self.head_dim))
             o = self._attention(i, q, batch, cache)  # [T, heads * head_dim]
-            h = h + self._linear(attn.o_proj, ModuleKey(i, "o_proj"), o, bank, lora, segments(o))
+            h = h + self._project(i, "o", o, bank, lora)[0]
             x = layer.post_attention_layernorm(h)
-            xs = segments(x)
-            g = self._linear(mlp.gate_proj, ModuleKey(i, "gate_proj"), x, bank, lora, xs)
-            u = self._linear(mlp.up_proj, ModuleKey(i, "up_proj"), x, bank, lora, xs)
-            a = mlp.act_fn(g) * u
-            h = h + self._linear(mlp.down_proj, ModuleKey(i, "down_proj"), a, bank, lora, segments(a))
+            g, u = self._project(i, "gate_up", x, bank, lora)
+            a = layer.mlp.act_fn(g) * u
+            h = h + self._project(i, "down", a, bank, lora)[0]
         h = self.norm(h.index_select(0, batch.logit_rows))
         return self.lm_head(h).float()
 
@@ -136,9 +136,13 @@ class Decoder:
         if d:
             k, v = cache.view(layer, batch.decode_slots, batch.decode_first_slot or 0,
                               batch.decode_first_slot is not None, batch.decode_len)  # [D, kv, Lmax, hd]
-            qd = q[:d].unsqueeze(2)  # [D, heads, 1, hd]
+            perm = batch.decode_perm
+            qd = (q[:d] if perm is None else q.index_select(0, perm)).unsqueeze(2)  # [D, heads, 1, hd]
             od = F.scaled_dot_product_attention(qd, k, v, attn_mask=batch.decode_mask, scale=self.scaling, enable_gqa=gqa)
-            out[:d] = od.squeeze(2)
+            if perm is None:
+                out[:d] = od.squeeze(2)
+            else:
+                out.index_copy_(0, perm, od.squeeze(2))
         for c in batch.prefills:
             end = c.first_pos + c.length
             k = cache.k[layer, c.slot:c.slot + 1, :, :end]  # [1, kv, end, hd]

@@ -1,0 +1,49 @@
+"""Linears that read the same input (q/k/v; gate/up), run as one matmul when they can be.
+
+Plain ``nn.Linear`` members are fused into one weight ``[sum(out), in]``; the members' own weights
+become views of it, so nothing is stored twice and the transformers model stays usable.
+Quantized members (bitsandbytes) are run one by one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Projection:
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.sizes = [m.out_features for m in modules]
+        self.in_features = modules[0].in_features
+        self.fused: nn.Linear | None = None
+        if len(modules) > 1 and all(type(m) is nn.Linear for m in modules):
+            self._fuse()
+
+    def _fuse(self) -> None:
+        ws = [m.weight for m in self.modules]
+        has_bias = any(m.bias is not None for m in self.modules)
+        fused = nn.Linear(self.in_features, sum(self.sizes), bias=has_bias, device=ws[0].device, dtype=ws[0].dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat(ws))
+            if has_bias:
+                fused.bias.copy_(torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=ws[0].dtype,
+                                                                                          device=ws[0].device)
+                                            for m in self.modules]))
+        fused.requires_grad_(False)
+        off = 0
+        for m, n in zip(self.modules, self.sizes):  # members now view the fused storage
+            m.weight = nn.Parameter(fused.weight[off:off + n], requires_grad=False)
+            if m.bias is not None:
+                m.bias = nn.Parameter(fused.bias[off:off + n], requires_grad=False)
+            off += n
+        self.fused = fused
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[T, sum(out)] as one tensor when fused, else one [T, out] per member."""
+        if self.fused is not None:
+            return [self.fused(x)]
+        return [m(x) for m in self.modules]
+
+    def split(self, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(ys[0].split(self.sizes, dim=-1)) if self.fused is not None else ys
