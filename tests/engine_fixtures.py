@@ -31,7 +31,7 @@ def make_peft_adapters(folder: Path, seed: int = 1, specs: dict = ADAPTERS) -> d
     for i, (name, kw) in enumerate(specs.items()):
         base = tiny_llama()
         torch.manual_seed(seed + i)
-        peft_model = get_peft_model(base, LoraConfig(**kw, lora_dropout=0.0, init_lora_weights=False))
+        peft_model = get_peft_model(base, LoraConfig(**kw, lora_dropout=0.0))
         with torch.no_grad():
             for n, p in peft_model.named_parameters():
                 if "lora_" in n:

@@ -207,6 +207,18 @@ class Engine:
         return seqs
 
 
+def build_engine(spec, engine_config: EngineConfig = EngineConfig(), registry=None) -> tuple[Engine, object]:
+    """Load the base model of a ``ModelSpec`` and put an engine on it that takes adapters from the
+    registry (pinned names like ``support-bot@3``) or from folders. Returns (engine, LoadedModel)."""
+    from ..lora.source import AdapterSource
+    from ..model.loader import load_model
+
+    loaded = load_model(spec)
+    engine = Engine(loaded.model, loaded.config, loaded.tokenizer, engine_config=engine_config,
+                    loader=AdapterSource(registry, loaded.info), dtype=getattr(torch, spec.dtype), device=spec.device)
+    return engine, loaded
+
+
 def _no_loader(name: str) -> LoraWeights:
     raise KeyError(f"no adapter source configured for {name!r}")
 
