@@ -221,25 +221,43 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable]] =
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _plugin_commands() -> dict:
+    """Commands other packages of loraplex add (serve, bench, train) via the entry point group
+    ``loraplex.commands``: each names a (function, help, argument adder) tuple."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group="loraplex.commands")}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="loraplex", description="loraplex: serve many LoRA adapters on one base model.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--registry", help="registry URI: file:///path or s3://bucket/prefix (env LORAPLEX_REGISTRY)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, (fn, help_, add) in COMMANDS.items():
+    commands = dict(COMMANDS)
+    plugins = _plugin_commands()
+    wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
+    for name, ep in plugins.items():  # load only the plugin that runs, or all of them for --help
+        if name not in commands and (wanted is None or wanted == name):
+            commands[name] = ep.load()
+    for name, (fn, help_, add) in commands.items():
         p = sub.add_parser(name, help=help_, description=help_, parents=[common])
         add(p)
         p.set_defaults(fn=fn)
+    for name in plugins:
+        if name not in commands:
+            sub.add_parser(name, help="(see loraplex %s --help)" % name)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
         parser.print_help()
-        return 0 if argv is None and len(sys.argv) == 1 else 2
+        return 0 if not argv else 2
     try:
         return args.fn(args)
     except LoraplexError as exc:

@@ -131,3 +131,35 @@ def test_async_engine_streams_and_aborts_on_cancel(folders):
         asyncio.run(main())
     finally:
         aeng.shutdown()
+
+
+def test_add_merge_is_named_by_its_inputs_and_computed_once(folders):
+    calls = []
+
+    def loader(n):
+        calls.append(n)
+        return LoraWeights.load(folders[n], n)
+
+    engine = engine_on(tiny_llama(), loader, max_lora_rank=32)
+    spec = MergeSpec("cat", (0.5, 0.5))
+    name = engine.add_merge(["all8", "qv4"], spec)
+    assert name == engine.add_merge(["all8", "qv4"], spec) != engine.add_merge(["all8", "qv4"], MergeSpec("cat", (0.5, 0.6)))
+    engine.generate([[1, 2, 3]] * 3, GREEDY, [name] * 3)
+    engine.generate([[1, 2, 3]], GREEDY, [name])
+    assert calls == ["all8", "qv4"]
+
+
+def test_int8_base_runs():
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tiny_llama().save_pretrained(d)
+        q = LlamaForCausalLM.from_pretrained(d, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                             dtype=torch.float16, device_map="cpu").eval()
+    [seq] = engine_on(q).generate([[1, 2, 3]], GREEDY)
+    ids = [1, 2, 3]
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(q(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert seq.output_ids == ids[3:]

@@ -89,6 +89,17 @@ class Engine:
         """Serve ``name`` from a custom loader (a merge, an in-memory adapter)."""
         self.adapters.register_derived(name, loader)
 
+    def add_merge(self, sources: Seq[str], spec) -> str:
+        """Serve the merge of ``sources`` (adapter names) with a ``MergeSpec``; returns the derived
+        adapter's name, ``merge-<hash of inputs, weights, strategy and params>``, so the same merge
+        asked twice is computed once (then cached in the host tier like any adapter)."""
+        from ..lora.merge import merge
+
+        names = list(sources)
+        name = f"merge-{spec.cache_key(names)[:20]}"
+        self.adapters.register_derived(name, lambda _n: merge([self.adapters.loader(n) for n in names], spec, name))
+        return name
+
     def abort(self, request_id: str) -> None:
         seq = self._seqs.pop(request_id, None)
         if seq is not None and not seq.finished:
