@@ -172,6 +172,40 @@ def cmd_rm(args) -> int:
     return 0
 
 
+def cmd_route(args) -> int:
+    from .routes import RouteStore, parse_split
+
+    reg = _registry(args)
+    store = RouteStore(reg)
+    if args.delete:
+        t = store.delete(args.name)
+        _emit(args, t.to_dict(), f"deleted route {args.name} (entry {t.seq})")
+        return 0
+    if args.split is not None:
+        r = store.set(args.name, parse_split(args.split))
+        arms = ", ".join(f"{a.ref} {100 * r.shares[a.ref]:.4g}%" for a in r.arms)
+        _emit(args, r.to_dict(), f"route {r.name}: {arms} (entry {r.seq})")
+        return 0
+    history = store.history(args.name)
+    if not history:
+        from .errors import NotFoundError
+
+        raise NotFoundError(f"no route {args.name!r} in {reg.uri}")
+    current = None if history[-1].deleted else history[-1]
+    data = {"name": args.name, "route": current.to_dict() if current else None,
+            "shares": current.shares if current else {}, "history": [e.to_dict() for e in history]}
+    if current:
+        lines = [f"route {args.name}  (entry {current.seq}, set {current.created_at} by {current.by})",
+                 _table([[a.ref, f"{100 * current.shares[a.ref]:.4g}%", f"{a.weight:g}"] for a in current.arms],
+                        ["ARM", "SHARE", "WEIGHT"])]
+    else:
+        lines = [f"route {args.name}: deleted {history[-1].created_at} by {history[-1].by}"]
+    lines += ["", "history:", _table([[e.seq, e.created_at, e.action, e.split_text() or "-", e.by or ""] for e in history],
+                                     ["ENTRY", "AT", "ACTION", "SPLIT", "BY"])]
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
 # name -> (function, help, argument adder)
 def _args_push(p):
     p.add_argument("dir", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
@@ -210,6 +244,15 @@ def _args_rm(p):
     p.add_argument("--force", action="store_true", help="also remove aliases pointing at it")
 
 
+def _args_route(p):
+    p.add_argument("name", help="route name: what clients ask for, e.g. support-bot")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--split", metavar="REF=W,REF=W",
+                      help="set the route: pinned versions and relative weights, e.g. support-bot@3=90,support-bot@4=10 "
+                           "(aliases are resolved now and pinned)")
+    what.add_argument("--delete", action="store_true", help="delete the route (its history is kept)")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable]] = {
     "push": (cmd_push, "validate an adapter folder and register it as a new version", _args_push),
     "ls": (cmd_ls, "list adapters, or one adapter's versions", _args_ls),
@@ -218,6 +261,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable]] =
     "tag": (cmd_tag, "point an alias at a version", _args_tag),
     "rollback": (cmd_rollback, "move an alias back to where it pointed before", _args_rollback),
     "rm": (cmd_rm, "remove a version (refused while an alias points at it)", _args_rm),
+    "route": (cmd_route, "set, show or delete an A/B route: a name split over pinned adapter versions", _args_route),
 }
 
 

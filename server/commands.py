@@ -21,3 +21,47 @@ def _args_bench(p: argparse.ArgumentParser) -> None:
 
 
 BENCH = (cmd_bench, "measure loraplex against its peers on this machine", _args_bench)
+
+_SERVE_FLAGS = ("host", "port", "model", "quantize", "dtype", "device", "api_keys_file", "max_loras", "max_lora_rank",
+                "max_cpu_loras", "max_running", "max_model_len", "max_batched_tokens", "max_queue", "max_tokens",
+                "request_timeout")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+
+    from .api.settings import ServerSettings
+    from .server import build_server
+
+    overrides = {k: v for k in _SERVE_FLAGS if (v := getattr(args, k, None)) is not None}
+    if args.registry:
+        overrides["registry"] = args.registry
+    try:
+        settings = ServerSettings(**overrides)
+    except Exception as exc:  # pydantic's ValidationError: one line per bad setting
+        errs = getattr(exc, "errors", lambda: [])()
+        first = errs[0] if errs else {"loc": ("?",), "msg": str(exc)}
+        print(f"loraplex: error: setting {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = build_server(settings)
+    server.run()
+    return 0
+
+
+def _args_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; env LORAPLEX_HOST)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--model", help="base model: smollm2-135m-instruct (default) or a local HF folder")
+    p.add_argument("--quantize", choices=["nf4", "int8", "none"], help="base quantization (default nf4)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--api-keys-file", help="YAML file of API keys, scopes and adapter patterns")
+    for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "max_running", "max_model_len", "max_batched_tokens",
+                 "max_queue", "max_tokens"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, dest=name)
+    p.add_argument("--request-timeout", type=float, help="seconds a request may take")
+
+
+SERVE = (cmd_serve, "serve the base model and the registry's adapters over an OpenAI-compatible API", _args_serve)

@@ -68,6 +68,13 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
 
+    async def call(self, fn):
+        """Run fn() on the engine thread between two steps (the engine is not thread-safe)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._commands.put(("call", fn, (loop, fut)))
+        return await fut
+
     def stats(self) -> EngineStats:
         s = self.engine.scheduler
         return EngineStats(len(s.running), len(s.waiting), self.engine.cache.used_slots,
@@ -118,6 +125,14 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_set_result, fut, None)
         elif kind == "abort":
             self.engine.abort(arg)
+        elif kind == "call":
+            loop, fut = reply
+            try:
+                result = arg()
+            except Exception as exc:
+                loop.call_soon_threadsafe(_set_exception, fut, exc)
+            else:
+                loop.call_soon_threadsafe(_set_result, fut, result)
 
 
 def _set_result(fut: asyncio.Future, value) -> None:

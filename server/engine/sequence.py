@@ -8,30 +8,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import SamplingParams
+from .request import RequestOutput, SamplingParams  # noqa: F401  (re-exported)
 
 
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """What a step produced for one request: the new piece, and the totals so far."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    new_logprobs: list[float]
-    new_top_logprobs: list[list[tuple[int, float]]] | None
-    finished: bool
-    finish_reason: str | None  # stop | length | abort | error
-    prompt_tokens: int
-    completion_tokens: int
-    adapters: tuple[tuple[str, float], ...]
-    error: Exception | None = None
 
 
 @dataclass(slots=True, eq=False)

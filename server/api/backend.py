@@ -1,0 +1,42 @@
+"""The plug point between the HTTP API and an engine: what the API needs, nothing more.
+
+Two implementations are planned: the native engine (``server.engine.backend.NativeBackend``) and
+vLLM. The API imports only this Protocol and the torch-free request types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from ..engine.request import RequestOutput, SamplingParams
+
+
+class EngineBackend(Protocol):
+    base_model: str  # the base model's id, as listed by /v1/models
+    max_model_len: int
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The base model's chat template applied to OpenAI-style messages, ready to generate."""
+
+    def generate(self, prompt: str | list[int], params: SamplingParams, adapters: list[tuple[str, float]],
+                 request_id: str) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs; leaving the iterator early aborts the request."""
+
+    def add_merge(self, sources: list[str], merge: dict) -> str:
+        """Register the merge of sources (engine adapter names) and return its adapter name."""
+
+    def check_adapter(self, name: str) -> None:
+        """Raise if the engine cannot serve this adapter name (used by the admin load endpoint)."""
+
+    async def pin(self, name: str, pinned: bool) -> None:
+        """Keep an adapter resident (or stop keeping it)."""
+
+    async def adapters(self) -> dict[str, dict]:
+        """Adapters the engine holds: tier (device | host | loading), slot, references, load seconds."""
+
+    def stats(self) -> dict:
+        """running, waiting, kv_slots_used, kv_slots_total, batch_tokens, cache hits/misses/loads/evictions."""
+
+    def close(self) -> None:
+        """Stop the engine thread."""

@@ -1,0 +1,36 @@
+"""Server settings: flags, else ``LORAPLEX_*`` environment variables, else defaults (the edge:
+nothing below this reads the environment)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    model: str = "smollm2-135m-instruct"
+    quantize: Literal["nf4", "int8", "none"] = "nf4"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    device: Literal["cpu", "cuda"] = "cpu"
+    registry: str | None = None  # default: LORAPLEX_HOME/registry (see adapters.config)
+    api_keys_file: Path | None = None
+    api_key: str | None = None  # one key with every scope and adapter
+    max_loras: int = Field(default=8, ge=1)
+    max_lora_rank: int = Field(default=64, ge=1)
+    max_cpu_loras: int = Field(default=32, ge=1)
+    max_running: int = Field(default=32, ge=1)
+    max_model_len: int = Field(default=2048, ge=16)
+    max_batched_tokens: int = Field(default=1024, ge=16)
+    prefill_chunk: int = Field(default=256, ge=16)
+    max_queue: int = Field(default=256, ge=1)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_tokens: int = Field(default=2048, ge=1)
+    request_timeout: float = Field(default=600.0, gt=0)
+    registry_ttl: float = Field(default=5.0, ge=0)  # seconds a resolved alias/latest/route is reused
