@@ -12,12 +12,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .benchmark import main
 
         return main(args.options)
+    if args.target == "serve":
+        from .loadgen import main as serve_main
+
+        return serve_main(args.options)
     raise AssertionError(args.target)
 
 
 def _args_bench(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", choices=["engine"], help="what to measure: engine (the native engine against its peers)")
-    p.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark (see loraplex bench engine --help)")
+    p.add_argument("target", choices=["engine", "serve"],
+                   help="what to measure: engine (the native engine against its peers), or serve (a load generator "
+                        "for any OpenAI-compatible server)")
+    p.add_argument("options", nargs=argparse.REMAINDER,
+                   help="options of the benchmark (see loraplex bench engine --help, loraplex bench serve --help)")
 
 
 BENCH = (cmd_bench, "measure loraplex against its peers on this machine", _args_bench)

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from adapters.errors import InvalidAdapterError, NotFoundError
 from adapters.spec import validate_adapter
@@ -117,10 +118,24 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
 
         return await run_in_threadpool(run)
 
-    def admit() -> None:
-        stats = backend.stats()
-        if stats["waiting"] >= limits.max_queue:
-            raise OverloadedError(f"the server is at capacity ({stats['waiting']} requests waiting); retry later", 1)
+    outstanding = [0]  # admitted requests not yet finished (the event loop is single-threaded)
+
+    class Ticket:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def release(self) -> None:
+            outstanding[0] -= self.n
+            self.n = 0
+
+    def admit(served: Served, n: int = 1) -> Ticket:
+        """Bounded queue: at most max_queue requests beyond those the engine runs at once."""
+        capacity = backend.stats()["kv_slots_total"] + limits.max_queue
+        if outstanding[0] + n > capacity:
+            metrics.observe_request(served.label, served.version, "rejected")
+            raise OverloadedError(f"the server is at capacity ({outstanding[0]} requests in flight); retry later", 1)
+        outstanding[0] += n
+        return Ticket(n)
 
     async def generate_all(request: Request, prompt, params, served: Served, rid: str) -> list[RequestOutput]:
         """Run to completion, aborting if the client disconnects or the timeout passes."""
@@ -134,7 +149,7 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
         deadline = time.monotonic() + limits.request_timeout
         try:
             while not task.done():
-                await asyncio.wait({task}, timeout=0.25)
+                await asyncio.wait({task}, timeout=max(0.0, min(0.25, deadline - time.monotonic())))
                 if task.done():
                     break
                 if await request.is_disconnected():
@@ -177,16 +192,19 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
         prompt = backend.chat_prompt([m.as_template_input() for m in req.messages])
         max_tokens = min(req.max_completion_tokens or req.max_tokens or limits.max_tokens, limits.max_tokens)
         params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        admit()
+        ticket = admit(served)
         rid, created, started = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), time.monotonic()
         if req.stream:
-            return StreamingResponse(_chat_stream(request, prompt, params, served, rid, created, started, req),
-                                     media_type="text/event-stream", headers=headers(served))
+            return StreamingResponse(_chat_stream(request, prompt, params, served, rid, created, started, req, ticket),
+                                     media_type="text/event-stream", headers=headers(served),
+                                     background=BackgroundTask(ticket.release))
         try:
             outs = await generate_all(request, prompt, params, served, rid)
         except ClientGone:
             record(served, [], started, None, [], "aborted")
             return Response(status_code=499)
+        finally:
+            ticket.release()
         raise_error(outs[-1])
         record(served, outs, started, None, [], "ok")
         last = outs[-1]
@@ -210,7 +228,7 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
                                                 "bytes": list((tok(t) if tok else str(t)).encode())} for t, v in top]})
         return items
 
-    async def _chat_stream(request, prompt, params, served, rid, created, started, req) -> AsyncIterator[bytes]:
+    async def _chat_stream(request, prompt, params, served, rid, created, started, req, ticket) -> AsyncIterator[bytes]:
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.display}
         first = prev = None
         itl: list[float] = []
@@ -242,6 +260,7 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
                 yield _sse({**base, "choices": [], "usage": usage(outs[-1])})
             yield b"data: [DONE]\n\n"
         finally:
+            ticket.release()
             record(served, outs, started, first, itl, outcome)
 
     # ---- completions ----------------------------------------------------------------------------------
@@ -255,19 +274,22 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
         served = await resolve(req, user, who)
         prompts = req.prompts()
         params = req.sampling(min(req.max_tokens or 16, limits.max_tokens), req.logprobs)
-        admit()
+        if req.stream and len(prompts) != 1:
+            raise InvalidAdapterError("streaming takes one prompt per request")
+        ticket = admit(served, len(prompts))
         rid, created, started = f"cmpl-{uuid.uuid4().hex}", int(time.time()), time.monotonic()
         if req.stream:
-            if len(prompts) != 1:
-                raise InvalidAdapterError("streaming takes one prompt per request")
-            return StreamingResponse(_completion_stream(prompts[0], params, served, rid, created, started, req),
-                                     media_type="text/event-stream", headers=headers(served))
+            return StreamingResponse(_completion_stream(prompts[0], params, served, rid, created, started, req, ticket),
+                                     media_type="text/event-stream", headers=headers(served),
+                                     background=BackgroundTask(ticket.release))
         try:
             results = await asyncio.gather(*(generate_all(request, p, params, served, f"{rid}-{i}")
                                              for i, p in enumerate(prompts)))
         except ClientGone:
             record(served, [], started, None, [], "aborted")
             return Response(status_code=499)
+        finally:
+            ticket.release()
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i, outs in enumerate(results):
             raise_error(outs[-1])
@@ -294,7 +316,7 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
                 tops.append({name(t): v for t, v in top} if top else None)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": None}
 
-    async def _completion_stream(prompt, params, served, rid, created, started, req) -> AsyncIterator[bytes]:
+    async def _completion_stream(prompt, params, served, rid, created, started, req, ticket) -> AsyncIterator[bytes]:
         base = {"id": rid, "object": "text_completion", "created": created, "model": served.display}
         first = prev = None
         itl: list[float] = []
@@ -322,6 +344,7 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
                 yield _sse({**base, "choices": [], "usage": usage(outs[-1])})
             yield b"data: [DONE]\n\n"
         finally:
+            ticket.release()
             record(served, outs, started, first, itl, outcome)
 
     # ---- models, health, metrics ---------------------------------------------------------------------
