@@ -40,24 +40,22 @@ class Dist:
 
 
 def parse_dist(spec: str) -> Dist:
-    parts = str(spec).strip().split(":")
-    try:
-        nums = [int(p) for p in parts[1:]]
-    except ValueError:
-        nums = None
-    if parts[0] == "fixed" and nums is not None and len(nums) == 1 and nums[0] >= 1:
-        return Dist(nums[0], nums[0])
-    if parts[0] == "uniform" and nums is not None and len(nums) == 2 and 1 <= nums[0] <= nums[1]:
-        return Dist(nums[0], nums[1])
+    kind, *nums = str(spec).strip().split(":")
+    if all(n.isdigit() for n in nums):
+        nums = [int(n) for n in nums]
+        if kind == "fixed" and len(nums) == 1 and nums[0] >= 1:
+            return Dist(nums[0], nums[0])
+        if kind == "uniform" and len(nums) == 2 and 1 <= nums[0] <= nums[1]:
+            return Dist(nums[0], nums[1])
     raise SpecError(f"bad length spec {spec!r}: expected fixed:N or uniform:LO:HI with integers 1 <= LO <= HI")
 
 
 def parse_rates(spec: str) -> list[float]:
     try:
-        rates = [float(r) for r in str(spec).split(",") if r.strip()]
+        rates = [float(r) for r in str(spec).split(",")]
     except ValueError:
         rates = []
-    if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
+    if not rates or not all(0 < r < math.inf for r in rates):
         raise SpecError(f"bad rates {spec!r}: expected positive numbers separated by commas, like 1,2,4,8")
     return rates
 
@@ -188,14 +186,10 @@ def _error_kind(exc: BaseException) -> str:
     import openai
 
     if isinstance(exc, openai.APIStatusError):
-        return f"http_{exc.status_code}"
-    if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError)):
-        return "timeout"
-    if isinstance(exc, openai.APIConnectionError):
-        return "connection"
-    if isinstance(exc, openai.APIError):
-        return "stream_error"
-    return type(exc).__name__
+        return f"http_{exc.status_code}"  # 429 (queue full), 404 (unknown model), 5xx...
+    kinds = [((openai.APITimeoutError, asyncio.TimeoutError), "timeout"), (openai.APIConnectionError, "connection"),
+             (openai.APIError, "stream_error")]  # stream_error: an error event inside the stream
+    return next((k for t, k in kinds if isinstance(exc, t)), type(exc).__name__)
 
 
 async def _one(client, p: Planned, t0: float, ignore_eos: bool, timeout: float) -> Result:
@@ -235,37 +229,35 @@ async def run_planned(client, planned: list[Planned], ignore_eos: bool, timeout:
     return list(await asyncio.gather(*tasks))
 
 
-def _client(url: str, api_key: str, timeout: float):
+async def _client(a: argparse.Namespace, w: Workload):
+    """The client (no retries: a 429 counts as one); warmed by one short request per model unless --no-warmup."""
     import openai
 
-    base = url.rstrip("/")
-    base = base if base.endswith("/v1") else base + "/v1"
-    return openai.AsyncOpenAI(base_url=base, api_key=api_key, max_retries=0, timeout=timeout)
-
-
-async def _warmup(client, models: list[str], timeout: float) -> None:
-    await asyncio.gather(*(_one(client, Planned(0, m, "Hello", 2), time.perf_counter(), False, timeout) for m in models))
+    base = a.url.rstrip("/")
+    client = openai.AsyncOpenAI(base_url=base if base.endswith("/v1") else base + "/v1", api_key=a.api_key,
+                                max_retries=0, timeout=a.timeout)
+    models = list(w.adapters) + ([w.base] if w.base else [])
+    if a.warmup:
+        await asyncio.gather(*(_one(client, Planned(0, m, "Hello", 2), time.perf_counter(), False, a.timeout)
+                               for m in models))
+    return client
 
 
 async def sweep(a: argparse.Namespace, w: Workload, rates: list[float]) -> list[dict]:
-    client = _client(a.url, a.api_key, a.timeout)
-    if a.warmup:
-        await _warmup(client, list(w.adapters) + ([w.base] if w.base else []), a.timeout)
+    client = await _client(a, w)
     out = []
     for i, rate in enumerate(rates):
         t0 = time.perf_counter()
         results = await run_planned(client, plan(w, rate, w.seed + i), a.ignore_eos, a.timeout, t0)
         out.append(summarize(results, rate, time.perf_counter() - t0))
-        print(_row(out[-1]), file=_progress(a), flush=True)
+        print(_row(out[-1]), file=sys.stderr if a.json_out == "-" else sys.stdout, flush=True)
     await client.close()
     return out
 
 
 async def cold_probe(a: argparse.Namespace, w: Workload, rate: float) -> dict:
     """Background load on ``w``'s adapters; after ``window`` seconds one request to the cold adapter."""
-    client = _client(a.url, a.api_key, a.timeout)
-    if a.warmup:
-        await _warmup(client, list(w.adapters) + ([w.base] if w.base else []), a.timeout)
+    client = await _client(a, w)
     window = a.cold_window
     bg_w = replace(w, duration=max(w.duration or 0.0, 2 * window + 1.0), requests=None)
     t0 = time.perf_counter()
@@ -291,10 +283,6 @@ async def cold_probe(a: argparse.Namespace, w: Workload, rate: float) -> dict:
 # ---- report and plot -------------------------------------------------------------------------------------
 HEADER = (f"{'offered':>8} {'achieved':>8} {'tok/s':>8} {'ttft50':>8} {'ttft99':>8} {'itl50':>7} {'itl99':>7} "
           f"{'tpot50':>7} {'e2e50':>8} {'e2e99':>8}  errors   (req/s; latencies in ms)")
-
-
-def _progress(a: argparse.Namespace):
-    return sys.stderr if a.json_out == "-" else sys.stdout
 
 
 def _row(s: dict) -> str:
@@ -361,24 +349,21 @@ def main(argv: list[str] | None = None) -> int:
     p = _parser()
     a = p.parse_args(argv)
     if a.compare:
-        reports = [json.loads(open(f).read()) for f in a.compare]
         if not a.plot:
             p.error("--compare needs --plot FILE.png")
-        plot(reports, a.plot)
+        plot([json.loads(open(f).read()) for f in a.compare], a.plot)
         print(f"wrote {a.plot}")
         return 0
-    if not a.url:
-        p.error("--url is required (or --compare)")
-    adapters = [x for x in a.adapters.split(",") if x.strip()]
-    if not adapters and not a.base:
-        p.error("give --adapters and/or --base")
-    if a.requests is not None and a.requests < 1 or a.duration is not None and a.duration <= 0 or a.timeout <= 0:
-        p.error("--requests, --duration and --timeout must be positive")
-    if not 0.0 <= a.base_share <= 1.0:
-        p.error("--base-share must be within [0, 1]")
+    adapters = [x.strip() for x in a.adapters.split(",") if x.strip()]
     rates = a.rates or [a.rate if a.rate is not None else 1.0]
-    if not all(r > 0 and math.isfinite(r) for r in rates):
-        p.error("rates must be positive")
+    for bad, msg in [(not a.url, "--url is required (or --compare)"), (not adapters and not a.base, "give --adapters and/or --base"),
+                     (min(a.requests or 1, 1 if a.duration is None else a.duration, a.timeout) <= 0,
+                      "--requests, --duration and --timeout must be positive"),
+                     (not 0.0 <= a.base_share <= 1.0, "--base-share must be within [0, 1]"),
+                     (not all(0 < r < math.inf for r in rates), "--rate must be positive"),
+                     (a.cold_adapter in adapters, "--cold-adapter must not be one of the background --adapters")]:
+        if bad:
+            p.error(msg)
     duration = a.duration if a.duration is not None or a.requests else 10.0
     w = Workload(adapters, a.base, a.base_share if adapters else 1.0, a.popularity, a.zipf_s, a.prompt_words,
                  a.max_tokens, duration, a.requests, a.seed)
@@ -386,22 +371,19 @@ def main(argv: list[str] | None = None) -> int:
               "workload": {**asdict(w), "prompt_words": [w.prompt_words.lo, w.prompt_words.hi],
                            "max_tokens": [w.max_tokens.lo, w.max_tokens.hi], "ignore_eos": a.ignore_eos}}
     if a.cold_adapter:
-        if a.cold_adapter in adapters:
-            p.error("--cold-adapter must not be one of the background --adapters")
         report["cold"] = asyncio.run(cold_probe(a, w, rates[0]))
         report["results"] = [report["cold"]["background"]]
     else:
-        print(HEADER, file=_progress(a), flush=True)
+        print(HEADER, file=sys.stderr if a.json_out == "-" else sys.stdout, flush=True)
         report["results"] = asyncio.run(sweep(a, w, rates))
     if a.plot:
         plot([report], a.plot)
+    if a.json_out and a.json_out != "-":
+        with open(a.json_out, "w") as f:
+            json.dump(report, f, indent=2)
     if a.json_out == "-":
         print(json.dumps(report, indent=2))
-    else:
-        if a.json_out:
-            with open(a.json_out, "w") as f:
-                json.dump(report, f, indent=2)
-        if "cold" in report:
-            print(HEADER + "\n" + _row(report["results"][0]))
-            print(json.dumps({k: v for k, v in report["cold"].items() if k != "background"}, indent=2))
+    elif "cold" in report:
+        print(HEADER + "\n" + _row(report["results"][0]) + "\n" + json.dumps(
+            {k: v for k, v in report["cold"].items() if k != "background"}, indent=2))
     return 0

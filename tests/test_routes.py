@@ -213,7 +213,8 @@ def test_without_a_user_picks_are_weighted_random():
     rng1, rng2 = random.Random(3), random.Random(3)
     assert [r.pick(None, rng1) for _ in range(50)] == [r.pick(None, rng2) for _ in range(50)]
     three = _route(("a@1", 1), ("b@1", 2), ("c@1", 7))
-    counts = Counter(three.pick(None, random.Random(11)).ref for _ in range(2000))
+    rng = random.Random(11)
+    counts = Counter(three.pick(None, rng).ref for _ in range(2000))
     for ref, want in {"a@1": 0.1, "b@1": 0.2, "c@1": 0.7}.items():
         assert abs(counts[ref] / 2000 - want) <= 0.03, counts
     assert {r.pick(None).ref for _ in range(200)} == {"support-bot@1", "support-bot@2"}  # SystemRandom

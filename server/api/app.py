@@ -62,33 +62,12 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
     app.state.backend = backend
     app.state.resolver = resolver
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            return errors.from_exception(RequestTooLargeError(f"request body is larger than {limits.max_body_bytes} bytes"))
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     def principal(request: Request, scope: str):
         p = keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
         p.require(scope)
         return p
-
-    async def body(request: Request, model_cls):
-        raw = await request.body()
-        if len(raw) > limits.max_body_bytes:
-            raise RequestTooLargeError(f"request body is larger than {limits.max_body_bytes} bytes")
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidAdapterError(f"request body is not valid JSON: {exc}") from None
-        from fastapi.exceptions import RequestValidationError
-        from pydantic import ValidationError
-
-        try:
-            return model_cls.model_validate(data)
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors()) from None
 
     async def resolve(req, user: str | None, who) -> Served:
         def run() -> Served:
@@ -184,9 +163,8 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
 
     # ---- chat ---------------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
-    async def chat(request: Request):
+    async def chat(req: ChatCompletionRequest, request: Request):
         who = principal(request, "inference")
-        req: ChatCompletionRequest = await body(request, ChatCompletionRequest)
         user = request.headers.get("x-loraplex-user") or req.user
         served = await resolve(req, user, who)
         prompt = backend.chat_prompt([m.as_template_input() for m in req.messages])
@@ -265,9 +243,8 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
 
     # ---- completions ----------------------------------------------------------------------------------
     @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def completions(req: CompletionRequest, request: Request):
         who = principal(request, "inference")
-        req: CompletionRequest = await body(request, CompletionRequest)
         if req.echo:
             raise InvalidAdapterError("echo is not supported")
         user = request.headers.get("x-loraplex-user") or req.user
@@ -379,9 +356,8 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
 
     # ---- admin ---------------------------------------------------------------------------------------
     @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(request: Request):
+    async def load_lora_adapter(req: LoadAdapterRequest, request: Request):
         principal(request, "admin")
-        req: LoadAdapterRequest = await body(request, LoadAdapterRequest)
         from adapters.reference import check_name
 
         check_name(req.lora_name)
@@ -391,9 +367,8 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
         return Response(f"Success: LoRA adapter '{req.lora_name}' added successfully.", media_type="text/plain")
 
     @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(request: Request):
+    async def unload_lora_adapter(req: UnloadAdapterRequest, request: Request):
         principal(request, "admin")
-        req: UnloadAdapterRequest = await body(request, UnloadAdapterRequest)
         if resolver.local.pop(req.lora_name, None) is None:
             raise NotFoundError(f"the model `{req.lora_name}` does not exist")
         return Response(f"Success: LoRA adapter '{req.lora_name}' removed successfully.", media_type="text/plain")
@@ -431,6 +406,36 @@ def _path(p: str):
     from pathlib import Path
 
     return Path(p).expanduser()
+
+
+class BodyLimit:
+    """Refuse request bodies over max_bytes, by Content-Length or while a chunked body streams in."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = errors.from_exception(RequestTooLargeError(f"request body is larger than {self.max_bytes} bytes"))
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await too_large(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise RequestTooLargeError(f"request body is larger than {self.max_bytes} bytes")
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except RequestTooLargeError:
+            await too_large(scope, receive, send)
 
 
 def _error_body(exc: Exception) -> dict:

@@ -57,6 +57,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return envelope(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "),
+                            "invalid_request_error")
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         where = ".".join(loc)
         msg = first.get("msg", "invalid request")
