@@ -177,6 +177,12 @@ def cmd_route(args) -> int:
 
     reg = _registry(args)
     store = RouteStore(reg)
+    if args.name == "show" and args.route is not None:  # loraplex route show NAME --server URL
+        return _route_stats(args, store)
+    if args.route is not None:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unexpected argument {args.route!r} (did you mean: loraplex route show {args.route})")
     if args.delete:
         t = store.delete(args.name)
         _emit(args, t.to_dict(), f"deleted route {args.name} (entry {t.seq})")
@@ -203,6 +209,37 @@ def cmd_route(args) -> int:
     lines += ["", "history:", _table([[e.seq, e.created_at, e.action, e.split_text() or "-", e.by or ""] for e in history],
                                      ["ENTRY", "AT", "ACTION", "SPLIT", "BY"])]
     _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def _route_stats(args, store) -> int:
+    """Requests, errors, tokens and latency per arm, from a running server's metrics."""
+    import httpx
+
+    from .armstats import per_arm
+    from .errors import ConfigError, NotFoundError, StorageError
+
+    name = args.route
+    route = store.get(name)
+    if route is None:
+        raise NotFoundError(f"no route {name!r} in {store.registry.uri}")
+    if not args.server:
+        raise ConfigError("route show needs --server URL (a loraplex server whose /metrics to read)")
+    try:
+        r = httpx.get(args.server.rstrip("/") + "/metrics", timeout=10)
+        r.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise StorageError(f"cannot read metrics from {args.server}: {exc}") from None
+    rows, data = [], []
+    for arm in route.arms:
+        stats = per_arm(r.text, arm.name).get(str(arm.version), {})
+        item = {"arm": arm.ref, "share": route.shares[arm.ref], **stats}
+        data.append(item)
+        p50 = stats.get("e2e_p50")
+        rows.append([arm.ref, f"{100 * route.shares[arm.ref]:.4g}%", stats.get("requests", 0), stats.get("errors", 0),
+                     stats.get("generation_tokens", 0), "-" if p50 is None else f"{p50:.3f}s"])
+    _emit(args, {"name": name, "server": args.server, "arms": data},
+          _table(rows, ["ARM", "SHARE", "REQUESTS", "ERRORS", "TOKENS", "E2E P50"]))
     return 0
 
 
@@ -245,7 +282,9 @@ def _args_rm(p):
 
 
 def _args_route(p):
-    p.add_argument("name", help="route name: what clients ask for, e.g. support-bot")
+    p.add_argument("name", help="route name: what clients ask for, e.g. support-bot (or: show NAME)")
+    p.add_argument("route", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("--server", help="with 'route show NAME': a loraplex server URL whose /metrics to read")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--split", metavar="REF=W,REF=W",
                       help="set the route: pinned versions and relative weights, e.g. support-bot@3=90,support-bot@4=10 "

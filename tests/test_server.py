@@ -259,3 +259,29 @@ def test_admin_load_unload_and_status(server, client, world):
     bad = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(world["root"] / "nope")})
     assert bad.status_code == 400 and "does not exist" in bad.json()["error"]["message"]
     assert httpx.post(url + "/v1/admin/refresh").json() == {"refreshed": True}
+
+
+def test_route_show_reads_per_arm_metrics_from_the_server(client, server, world):
+    import subprocess
+    import sys
+
+    routes = RouteStore(world["registry"])
+    routes.set("helper", {"helper@1": 50, "helper@2": 50})
+    try:
+        for i in range(20):
+            client.completions.create(model="helper", prompt="w3", max_tokens=2, user=f"u{i}")
+        env = {"LORAPLEX_HOME": str(world["root"] / "home"), "PATH": ""}
+        p = subprocess.run([sys.executable, "-m", "adapters.cli", "route", "show", "helper", "--server", server.url,
+                            "--registry", world["reg_uri"], "--json"], capture_output=True, text=True, env=env)
+        assert p.returncode == 0, p.stderr
+        arms = {a["arm"]: a for a in json.loads(p.stdout)["arms"]}
+        assert set(arms) == {"helper@1", "helper@2"}
+        assert all(a["requests"] > 0 and a["generation_tokens"] >= 2 and a["e2e_p50"] for a in arms.values())
+        text = subprocess.run([sys.executable, "-m", "adapters.cli", "route", "show", "helper", "--server", server.url,
+                               "--registry", world["reg_uri"]], capture_output=True, text=True, env=env).stdout
+        assert "REQUESTS" in text and "helper@1" in text
+        bad = subprocess.run([sys.executable, "-m", "adapters.cli", "route", "show", "helper", "--server",
+                              "http://127.0.0.1:1", "--registry", world["reg_uri"]], capture_output=True, text=True, env=env)
+        assert bad.returncode == 1 and bad.stderr.startswith("loraplex: error: cannot read metrics")
+    finally:
+        routes.delete("helper")
