@@ -105,10 +105,13 @@ class AsyncEngine:
             outputs = self.engine.step()
             self._steps += 1
             self._last_batch = sum(len(o.new_token_ids) for o in outputs)
-            for out in outputs:
+            by_loop: dict = {}
+            for out in outputs:  # one wake-up per event loop per step, not one per token
                 target = self._streams.get(out.request_id)
                 if target is not None:
-                    target[0].call_soon_threadsafe(target[1].put_nowait, out)
+                    by_loop.setdefault(target[0], []).append((target[1], out))
+            for loop, items in by_loop.items():
+                loop.call_soon_threadsafe(_deliver, items)
             if not self.engine.scheduler.running and self.engine.scheduler.waiting:
                 self._stop.wait(0.002)  # only waiting on adapter loads: do not spin
 
@@ -133,6 +136,11 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_set_exception, fut, exc)
             else:
                 loop.call_soon_threadsafe(_set_result, fut, result)
+
+
+def _deliver(items: list) -> None:
+    for stream, out in items:
+        stream.put_nowait(out)
 
 
 def _set_result(fut: asyncio.Future, value) -> None:
