@@ -35,8 +35,8 @@ class Server:
 
 
 def build_server(settings: ServerSettings) -> Server:
-    from .engine.backend import NativeBackend
-    from .engine.engine import EngineConfig, build_engine
+    from .engine.engine import EngineConfig
+    from .engine.process import EngineLaunch, EngineProcess
     from .model.loader import ModelSpec
 
     reg_settings = load_settings(registry=settings.registry)
@@ -47,12 +47,13 @@ def build_server(settings: ServerSettings) -> Server:
                        max_cpu_loras=settings.max_cpu_loras, max_running=settings.max_running,
                        max_model_len=settings.max_model_len, max_batched_tokens=settings.max_batched_tokens,
                        prefill_chunk=settings.prefill_chunk)
-    engine, loaded = build_engine(spec, cfg, registry)
-    backend = NativeBackend(engine, loaded.info.id)
-    resolver = Resolver(registry, loaded.info.id, loaded.info, RouteStore(registry), ttl=settings.registry_ttl)
+    backend = EngineProcess(EngineLaunch(spec, cfg, reg_settings.registry, str(reg_settings.cache)))
+    info = backend.info["base_info"]
+    resolver = Resolver(registry, info.id, info, RouteStore(registry), ttl=settings.registry_ttl)
     limits = Limits(max_body_bytes=settings.max_body_bytes, max_tokens=settings.max_tokens,
                     max_queue=settings.max_queue, request_timeout=settings.request_timeout)
     app = create_app(backend, resolver, keys=keys, metrics=Metrics(), limits=limits)
-    log.info("loraplex: base %s (%s, %s) loaded in %.1f s; registry %s; %s", loaded.info.id, settings.quantize,
-             settings.device, loaded.load_seconds, registry.uri, keys.describe())
+    log.info("loraplex: base %s (%s, %s, %.0f MB resident) loaded in %.1f s in the engine process; registry %s; %s",
+             info.id, settings.quantize, settings.device, backend.info["resident_bytes"] / 1e6,
+             backend.info["load_seconds"], registry.uri, keys.describe())
     return Server(settings, app, backend)
