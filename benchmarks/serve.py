@@ -109,6 +109,8 @@ def main() -> None:
             files.append(OUT / "serve-vllm.json")
         finally:
             stop(proc)
+    elif (OUT / "serve-vllm.json").exists():  # the peer's last run, re-plotted beside this one
+        files.append(OUT / "serve-vllm.json")
 
     subprocess.run([str(Path(sys.executable).with_name("loraplex")), "bench", "serve", "--compare", *map(str, files),
                     "--plot", str(OUT / "serve-latency.png")], check=True)
