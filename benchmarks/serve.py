@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--vllm-python", default=".vllm/bin/python")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-cold", action="store_true")
+    ap.add_argument("--only-cold", action="store_true")
     args = ap.parse_args()
     fixture = Path(args.fixture).absolute()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,8 @@ def main() -> None:
     for i in range(4):
         reg.push(fixture / "adapters" / f"a{i}", f"a{i}", base_model=str(fixture / "smollm2"))
     files = []
+    if args.only_cold:
+        return cold(fixture, work, env)
 
     proc = serve_loraplex(reg_uri, fixture, 18100, env)
     try:

@@ -13,6 +13,8 @@ kept and handed to the waiting requests, then dropped so a later request can try
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,6 +36,15 @@ class AdapterStats:
     load_seconds: list[float] = field(default_factory=list)
 
 
+def _lower_priority() -> None:
+    """Loads yield the CPU to the step loop: a loader thread at nice +5 (Linux sets niceness per
+    thread), so a cold adapter slows the running streams less."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)
+    except (AttributeError, OSError):
+        pass
+
+
 class AdapterManager:
     def __init__(self, bank: LoraBank, loader: Loader, max_cpu_loras: int = 16) -> None:
         self.bank = bank
@@ -46,7 +57,7 @@ class AdapterManager:
         self._pending: dict[str, Future] = {}
         self._failed: dict[str, Exception] = {}
         self._derived: dict[str, Loader] = {}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lora-loader")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lora-loader", initializer=_lower_priority)
         self.load_times: dict[str, float] = {}
 
     # ---- references (held by every admitted request) -------------------------------------------

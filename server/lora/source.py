@@ -37,5 +37,6 @@ class AdapterSource:
         manifest, folder = self.registry.fetch(name)
         if self.base is not None:
             self.registry.check_base(manifest, self.base)
-            validate_adapter(folder, self.base)  # shapes against this base, even if the manifest had none
+            if manifest.base_fingerprint is None:  # the cache validated it, but not against a base
+                validate_adapter(folder, self.base)
         return LoraWeights.load(folder, manifest.ref, self.dtype)
