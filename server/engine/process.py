@@ -104,8 +104,14 @@ def _engine_main(conn, launch: EngineLaunch) -> None:  # runs in the child proce
 
     while True:
         busy = engine.has_work()
-        while conn.poll(0 if busy else 0.05):
-            msg = conn.recv()
+        while True:
+            try:
+                if not conn.poll(0 if busy else 0.05):
+                    break
+                msg = conn.recv()
+            except (EOFError, OSError):  # the API process is gone
+                engine.adapters.shutdown()
+                return
             kind = msg[0]
             if kind == "add":
                 _, rid, prompt, params, adapters_ = msg
@@ -132,12 +138,20 @@ def _engine_main(conn, launch: EngineLaunch) -> None:  # runs in the child proce
             for o in outs:
                 if o.error is not None:
                     o.error = _safe_error(o.error)
-            conn.send(("out", outs, stats()))
+            try:
+                conn.send(("out", outs, stats()))
+            except (BrokenPipeError, OSError):
+                engine.adapters.shutdown()
+                return
             if not engine.scheduler.running and engine.scheduler.waiting:
                 time.sleep(0.002)  # only waiting on adapter loads
         if time.monotonic() - last_stats > _STATS_EVERY:
             last_stats = time.monotonic()
-            conn.send(("stats", stats()))
+            try:
+                conn.send(("stats", stats()))
+            except (BrokenPipeError, OSError):
+                engine.adapters.shutdown()
+                return
 
 
 class EngineProcess:
@@ -146,7 +160,9 @@ class EngineProcess:
     def __init__(self, launch: EngineLaunch, start_timeout: float = 900.0) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_engine_main, args=(child, launch), name="loraplex-engine", daemon=True)
+        # Not a daemon, so it may start processes of its own; it exits by itself when this process
+        # goes away (its end of the pipe then reads EOF).
+        self._proc = ctx.Process(target=_engine_main, args=(child, launch), name="loraplex-engine", daemon=False)
         self._proc.start()
         child.close()
         if not self._conn.poll(start_timeout):

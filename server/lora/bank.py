@@ -83,6 +83,14 @@ class GroupKey:
     group: str  # a key of GROUPS
 
 
+@dataclass(frozen=True, slots=True)
+class SlotImage:
+    name: str
+    rank: int
+    a: dict  # GroupKey -> [in, R * n]
+    b: dict  # GroupKey -> list of [R, out_p]
+
+
 class LoraBank:
     """Slot buffers per (layer, group): one shrink factor for the group, ``a: [slots, in, n * R]``
     (column ``p * R + j`` is rank j of member p), and one expand factor per member,
@@ -129,17 +137,28 @@ class LoraBank:
             if m.a.shape[1] != in_f or m.b.shape[0] != out_f:
                 raise ValueError(f"adapter {weights.name}: {key} maps {m.a.shape[1]} -> {m.b.shape[0]}, base has {in_f} -> {out_f}")
 
-    def set_lora(self, slot: int, weights: LoraWeights) -> None:
+    def prepare(self, weights: LoraWeights) -> SlotImage:
+        """The adapter laid out exactly as one slot (transposed, zero-padded, scale folded in), on the
+        host: built on the loader thread, so putting it in a slot is a few plain copies."""
         self.check(weights)
-        self.clear(slot)
+        a = {gk: torch.zeros(t.shape[1:], dtype=self.dtype) for gk, t in self.a.items()}  # [in, R * n]
+        b = {gk: [torch.zeros(t.shape[1:], dtype=self.dtype) for t in bs] for gk, bs in self.b.items()}  # [R, out_p]
         for key, m in weights.modules.items():
             g, _ = GROUP_OF[key.proj]
             gk = GroupKey(key.layer, g)
             p = next(i for i, mem in enumerate(self.members[gk]) if mem[0] == key.proj)
             r, big_r = m.rank, self.max_rank
-            self.a[gk][slot, :, p * big_r:p * big_r + r].copy_(m.a.t())
-            self.b[gk][p][slot, :r].copy_(m.b.t().float() * m.scale)
-        self.ranks[slot] = weights.rank
+            a[gk][:, p * big_r:p * big_r + r].copy_(m.a.t())
+            b[gk][p][:r].copy_(m.b.t().float() * m.scale)
+        return SlotImage(weights.name, weights.rank, a, b)
+
+    def set_lora(self, slot: int, weights: LoraWeights | SlotImage) -> None:
+        image = weights if isinstance(weights, SlotImage) else self.prepare(weights)
+        for gk, t in image.a.items():
+            self.a[gk][slot].copy_(t)
+            for dst, src in zip(self.b[gk], image.b[gk]):
+                dst[slot].copy_(src)
+        self.ranks[slot] = image.rank
 
     def clear(self, slot: int) -> None:
         for gk in self.members:

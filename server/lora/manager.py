@@ -57,6 +57,7 @@ class AdapterManager:
         self._pending: dict[str, Future] = {}
         self._failed: dict[str, Exception] = {}
         self._derived: dict[str, Loader] = {}
+        self._images: dict = {}  # name -> SlotImage of a fresh load, until it is placed
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lora-loader", initializer=_lower_priority)
         self.load_times: dict[str, float] = {}
 
@@ -89,7 +90,7 @@ class AdapterManager:
             raise self._failed.pop(name)
         weights = self._cpu.get(name)
         if weights is not None:
-            slot = self._place(name, weights)
+            slot = self._place(name, self._images.pop(name, None) or weights)
             if slot is not None:
                 self.stats.hits += 1
             return slot
@@ -98,13 +99,14 @@ class AdapterManager:
             self._pending[name] = self._pool.submit(self._load, name)
         return None
 
-    def _load(self, name: str) -> LoraWeights:
+    def _load(self, name: str):
         t = time.perf_counter()
         weights = (self._derived.get(name) or self.loader)(name)
         self.bank.check(weights)
         weights = weights.to(None, self.bank.dtype)  # the host tier stays in host memory
+        image = self.bank.prepare(weights)  # the slot layout, built here rather than on the step loop
         self.load_times[name] = time.perf_counter() - t
-        return weights
+        return weights, image
 
     def poll(self) -> None:
         """At a step boundary: move finished loads into the host tier and record failures."""
@@ -113,18 +115,20 @@ class AdapterManager:
                 continue
             del self._pending[name]
             try:
-                weights = fut.result()
+                weights, image = fut.result()
             except Exception as exc:  # handed to the requests waiting for this adapter
                 self._failed[name] = exc
                 continue
+            self._images[name] = image  # used once, by the first placement
             self.stats.loads += 1
             self.stats.load_seconds.append(self.load_times.get(name, 0.0))
             self._cpu[name] = weights
             self._cpu.move_to_end(name)
             while len(self._cpu) > self.max_cpu_loras:
-                self._cpu.popitem(last=False)
+                gone, _ = self._cpu.popitem(last=False)
+                self._images.pop(gone, None)
 
-    def _place(self, name: str, weights: LoraWeights) -> int | None:
+    def _place(self, name: str, weights) -> int | None:
         used = set(self._slots.values())
         free = [s for s in range(self.bank.max_loras) if s not in used]
         if not free:
