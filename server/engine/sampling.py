@@ -6,11 +6,13 @@ rows are divided by their temperature, truncated by top-k, then top-p (on the re
 mass), then min-p (relative to the most likely token), all in one sort; then one token is drawn
 per row.
 
-Drawing uses the exponential race ``argmax(probs / E)``, ``E ~ Exponential(1)``, which picks token i
-with probability ``probs[i]``. A seeded row draws its ``V`` exponentials from its own generator (one
-call per row, always ``V`` values per sampled step), so its tokens depend only on its seed and its
-own history, never on the other rows of the batch; unseeded rows share one batched draw from the
-sampler's generator. Greedy rows consume no randomness.
+Drawing is inverse-CDF sampling: one ``Uniform(0, 1)`` per row, located in the row's cumulative
+distribution (``searchsorted``), which picks token i with probability ``probs[i]``. (An earlier
+exponential race, ``argmax(probs / E)``, drew V random numbers per row and cost 39 ms a step for 32
+rows of SmolLM2's 49k vocabulary against ~4 ms now.) A seeded row draws its one number from its own
+generator, so its tokens depend only on its seed and its own history, never on the other rows of
+the batch; unseeded rows share one batched draw from the sampler's generator. Greedy rows consume
+no randomness.
 
 Logprobs are those of the *raw* model distribution: ``log_softmax(logits)`` in float32, before
 penalties, temperature and truncation. This is what OpenAI reports ("the model's logprobs") and
@@ -127,17 +129,16 @@ class Sampler:
             trunc = [j for j, i in enumerate(rnd) if params[i].truncated]
             if trunc:
                 scaled[trunc] = _truncate(scaled[trunc], [params[rnd[j]] for j in trunc])
-            probs = scaled.softmax(dim=1)  # [n, V]
-            noise = torch.empty_like(probs)  # [n, V], Exponential(1)
+            cdf = scaled.softmax(dim=1).cumsum(dim=1)  # [n, V]
+            u = torch.empty(len(rnd), device=dev)  # [n], one Uniform(0, 1) per row
             shared = [j for j, i in enumerate(rnd) if generators[i] is None]
             if shared:
-                noise[shared] = torch.empty(len(shared), vocab, device=dev).exponential_(
-                    generator=self.generator)
+                u[shared] = torch.rand(len(shared), device=dev, generator=self.generator)
             for j, i in enumerate(rnd):
                 if generators[i] is not None:
-                    noise[j] = torch.empty(vocab, device=dev).exponential_(generator=generators[i])
-            noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # an exact 0 would make 0/0 = nan
-            tokens[rnd] = (probs / noise).argmax(dim=1)
+                    u[j] = torch.rand(1, device=dev, generator=generators[i])[0]
+            target = (u * cdf[:, -1]).unsqueeze(1)  # scaled by the total, which rounding leaves near 1
+            tokens[rnd] = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=vocab - 1)
         lse = raw.logsumexp(dim=1, keepdim=True)  # [B, 1]
         chosen = (raw.gather(1, tokens.unsqueeze(1)) - lse).squeeze(1)  # [B]
         top: list[list[tuple[int, float]]] | None = None
