@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -173,7 +173,7 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
         ticket = admit(served)
         rid, created, started = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), time.monotonic()
         if req.stream:
-            return StreamingResponse(_chat_stream(request, prompt, params, served, rid, created, started, req, ticket),
+            return StreamingResponse(_chat_stream(prompt, params, served, rid, created, started, req, ticket),
                                      media_type="text/event-stream", headers=headers(served),
                                      background=BackgroundTask(ticket.release))
         try:
@@ -206,15 +206,17 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
                                                 "bytes": list((tok(t) if tok else str(t)).encode())} for t, v in top]})
         return items
 
-    async def _chat_stream(request, prompt, params, served, rid, created, started, req, ticket) -> AsyncIterator[bytes]:
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.display}
+    async def _stream(prompt, params, served: Served, rid: str, started: float, req, ticket, base: dict,
+                      choice: Callable[[RequestOutput], dict], head: dict | None = None) -> AsyncIterator[bytes]:
+        """SSE chunks of one request (chat or completion: ``choice`` shapes each piece), ending in
+        the usage chunk when asked for and ``data: [DONE]``; timings go to the metrics."""
         first = prev = None
         itl: list[float] = []
         outs: list[RequestOutput] = []
         outcome = "aborted"
         try:
-            yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
+            if head is not None:
+                yield _sse({**base, "choices": [head]})
             async for out in backend.generate(prompt, params, served.adapters, rid):
                 outs.append(out)
                 if out.error is not None:
@@ -227,11 +229,8 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
                 elif prev is not None:
                     itl.append(now - prev)
                 prev = now
-                choice = {"index": 0, "delta": {"content": out.new_text} if out.new_text or not out.finished else {},
-                          "logprobs": {"content": _chat_logprobs([out])} if req.logprobs else None,
-                          "finish_reason": out.finish_reason if out.finished else None}
                 if out.new_text or out.finished:
-                    yield _sse({**base, "choices": [choice]})
+                    yield _sse({**base, "choices": [choice(out)]})
                 if out.finished:
                     outcome = "ok"
             if outcome == "ok" and req.stream_options and req.stream_options.include_usage:
@@ -240,6 +239,17 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
         finally:
             ticket.release()
             record(served, outs, started, first, itl, outcome)
+
+    def _chat_stream(prompt, params, served, rid, created, started, req, ticket) -> AsyncIterator[bytes]:
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.display}
+
+        def choice(out: RequestOutput) -> dict:
+            return {"index": 0, "delta": {"content": out.new_text} if out.new_text or not out.finished else {},
+                    "logprobs": {"content": _chat_logprobs([out])} if req.logprobs else None,
+                    "finish_reason": out.finish_reason if out.finished else None}
+
+        head = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return _stream(prompt, params, served, rid, started, req, ticket, base, choice, head)
 
     # ---- completions ----------------------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -293,36 +303,14 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
                 tops.append({name(t): v for t, v in top} if top else None)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": None}
 
-    async def _completion_stream(prompt, params, served, rid, created, started, req, ticket) -> AsyncIterator[bytes]:
+    def _completion_stream(prompt, params, served, rid, created, started, req, ticket) -> AsyncIterator[bytes]:
         base = {"id": rid, "object": "text_completion", "created": created, "model": served.display}
-        first = prev = None
-        itl: list[float] = []
-        outs: list[RequestOutput] = []
-        outcome = "aborted"
-        try:
-            async for out in backend.generate(prompt, params, served.adapters, rid):
-                outs.append(out)
-                if out.error is not None:
-                    outcome = "error"
-                    yield _sse(_error_body(out.error))
-                    break
-                now = time.monotonic()
-                if first is None:
-                    first = now
-                elif prev is not None:
-                    itl.append(now - prev)
-                prev = now
-                if out.new_text or out.finished:
-                    yield _sse({**base, "choices": [{"index": 0, "text": out.new_text, "logprobs": None,
-                                                     "finish_reason": out.finish_reason if out.finished else None}]})
-                if out.finished:
-                    outcome = "ok"
-            if outcome == "ok" and req.stream_options and req.stream_options.include_usage:
-                yield _sse({**base, "choices": [], "usage": usage(outs[-1])})
-            yield b"data: [DONE]\n\n"
-        finally:
-            ticket.release()
-            record(served, outs, started, first, itl, outcome)
+
+        def choice(out: RequestOutput) -> dict:
+            return {"index": 0, "text": out.new_text, "logprobs": None,
+                    "finish_reason": out.finish_reason if out.finished else None}
+
+        return _stream(prompt, params, served, rid, started, req, ticket, base, choice)
 
     # ---- models, health, metrics ---------------------------------------------------------------------
     @app.get("/v1/models")
