@@ -188,21 +188,32 @@ def test_seeded_sampling_is_reproducible_and_logprobs(client):
     assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy took the best
 
 
-def test_ab_route_is_sticky_and_split(client, world):
+def test_ab_route_is_sticky_and_split(client, server, world):
+    """1,000 users over a 90/10 route: within +-3 points of the weights, and every user sticky."""
+    import asyncio
+
     routes = RouteStore(world["registry"])
-    routes.set("helper", {"helper@1": 70, "helper@2": 30})
+    routes.set("helper", {"helper@1": 90, "helper@2": 10})
+
+    async def ask_all(users, header: bool):
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        sem = asyncio.Semaphore(16)
+
+        async def one(u):
+            async with sem:
+                kw = {"extra_headers": {"x-loraplex-user": u}} if header else {"user": u}
+                raw = await aclient.completions.with_raw_response.create(model="helper", prompt="w3", max_tokens=1, **kw)
+                return u, raw.headers["x-loraplex-adapter"]
+
+        return dict(await asyncio.gather(*(one(u) for u in users)))
+
     try:
-        seen = {}
-        for i in range(200):
-            raw = client.completions.with_raw_response.create(model="helper", prompt="w3", max_tokens=1, temperature=0,
-                                                              user=f"user-{i}")
-            seen[f"user-{i}"] = raw.headers["x-loraplex-adapter"]
+        users = [f"user-{i}" for i in range(1000)]
+        seen = asyncio.run(ask_all(users, header=False))
         share = Counter(seen.values())
-        assert 0.6 <= share["helper@1"] / 200 <= 0.8, share
-        for i in range(0, 200, 20):  # sticky, by body field or header
-            raw = client.completions.with_raw_response.create(model="helper", prompt="w3", max_tokens=1,
-                                                              extra_headers={"x-loraplex-user": f"user-{i}"})
-            assert raw.headers["x-loraplex-adapter"] == seen[f"user-{i}"]
+        assert abs(share["helper@1"] / 1000 - 0.9) <= 0.03, share
+        again = asyncio.run(ask_all(users[::10], header=True))  # sticky, by body field or header
+        assert all(again[u] == seen[u] for u in again)
     finally:
         routes.delete("helper")
     assert client.completions.create(model="helper", prompt="w3", max_tokens=1, user="user-1").model == "helper@2"
