@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -367,19 +368,13 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
         data = await backend.adapters()
         return {"object": "list", "data": [{"id": k, **v} for k, v in sorted(data.items())]}
 
-    @app.post("/v1/adapters/{ref}/pin")
-    async def pin(ref: str, request: Request):
+    @app.post("/v1/adapters/{ref}/{action}")
+    async def pin(ref: str, action: Literal["pin", "unpin"], request: Request):
+        """Keep an adapter version resident in a device slot (pin), or let it be evicted again (unpin)."""
         principal(request, "admin")
         t = await run_in_threadpool(resolver.target, ref, None)
-        await backend.pin(t.engine_name, True)
-        return {"id": t.display, "pinned": True}
-
-    @app.post("/v1/adapters/{ref}/unpin")
-    async def unpin(ref: str, request: Request):
-        principal(request, "admin")
-        t = await run_in_threadpool(resolver.target, ref, None)
-        await backend.pin(t.engine_name, False)
-        return {"id": t.display, "pinned": False}
+        await backend.pin(t.engine_name, action == "pin")
+        return {"id": t.display, "pinned": action == "pin"}
 
     @app.post("/v1/admin/refresh")
     async def refresh(request: Request):
