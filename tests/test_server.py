@@ -260,6 +260,7 @@ def test_admin_load_unload_and_status(server, client, world):
     out = client.completions.create(model="local-one", prompt="w3 w4", max_tokens=4, temperature=0)
     assert out.model == "local-one"
     assert "local-one" in {m.id for m in client.models.list().data}
+    client.completions.create(model="helper@1", prompt="w3", max_tokens=1)
     status = httpx.get(url + "/v1/adapters").json()["data"]
     assert any(a["id"] == "helper@1" and a["tier"] in ("device", "host") for a in status)
     assert httpx.post(url + "/v1/adapters/helper@2/pin").json() == {"id": "helper@2", "pinned": True}
