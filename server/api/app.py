@@ -197,14 +197,14 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
 
     def _chat_logprobs(outs: list[RequestOutput]) -> list[dict]:
         items = []
-        tok = getattr(backend, "token_text", None)
+        tok = backend.token_text
         for o in outs:
             tops = o.new_top_logprobs or [[] for _ in o.new_token_ids]
             for tid, lp, top in zip(o.new_token_ids, o.new_logprobs, tops):
-                name = tok(tid) if tok else str(tid)
+                name = tok(tid)
                 items.append({"token": name, "logprob": lp, "bytes": list(name.encode()),
-                              "top_logprobs": [{"token": tok(t) if tok else str(t), "logprob": v,
-                                                "bytes": list((tok(t) if tok else str(t)).encode())} for t, v in top]})
+                              "top_logprobs": [{"token": tok(t), "logprob": v, "bytes": list(tok(t).encode())}
+                                               for t, v in top]})
         return items
 
     async def _stream(prompt, params, served: Served, rid: str, started: float, req, ticket, base: dict,
@@ -293,8 +293,7 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
                             headers=headers(served))
 
     def _completion_logprobs(outs: list[RequestOutput]) -> dict:
-        tok = getattr(backend, "token_text", None)
-        name = (lambda t: tok(t)) if tok else str
+        name = backend.token_text
         tokens, lps, tops = [], [], []
         for o in outs:
             for j, (tid, lp) in enumerate(zip(o.new_token_ids, o.new_logprobs)):

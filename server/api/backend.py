@@ -1,7 +1,7 @@
 """The plug point between the HTTP API and an engine: what the API needs, nothing more.
 
-Two implementations are planned: the native engine (``server.engine.backend.NativeBackend``) and
-vLLM. The API imports only this Protocol and the torch-free request types.
+Implementations: the native engine in its own process (``server.engine.process.EngineProcess``);
+vLLM is planned. The API imports only this Protocol and the torch-free request types.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ class EngineBackend(Protocol):
 
     def chat_prompt(self, messages: list[dict]) -> str:
         """The base model's chat template applied to OpenAI-style messages, ready to generate."""
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token (for logprobs)."""
 
     def generate(self, prompt: str | list[int], params: SamplingParams, adapters: list[tuple[str, float]],
                  request_id: str) -> AsyncIterator[RequestOutput]:
