@@ -297,3 +297,12 @@ def test_route_show_reads_per_arm_metrics_from_the_server(client, server, world)
         assert bad.returncode == 1 and bad.stderr.startswith("loraplex: error: cannot read metrics")
     finally:
         routes.delete("helper")
+
+
+def test_streaming_error_is_an_sse_error_event(server):
+    body = {"model": BASE, "messages": [{"role": "user", "content": " ".join(["w9"] * 400)}], "max_tokens": 2,
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    errs = [json.loads(line[5:]) for line in lines if "error" in line]
+    assert errs and "tokens" in errs[0]["error"]["message"] and lines[-1] == "data: [DONE]"

@@ -22,7 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from adapters.errors import InvalidAdapterError, NotFoundError
+from adapters.errors import InvalidAdapterError, LoraplexError, NotFoundError
 from adapters.spec import validate_adapter
 
 from ..engine.request import RequestOutput
@@ -218,7 +218,16 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
         try:
             if head is not None:
                 yield _sse({**base, "choices": [head]})
-            async for out in backend.generate(prompt, params, served.adapters, rid):
+            stream = backend.generate(prompt, params, served.adapters, rid)
+            while True:
+                try:
+                    out = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
+                except (LoraplexError, ValueError) as exc:  # refused by the engine (e.g. prompt too long)
+                    outcome = "error"
+                    yield _sse(_error_body(exc))
+                    break
                 outs.append(out)
                 if out.error is not None:
                     outcome = "error"
