@@ -118,11 +118,13 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
         return Ticket(n)
 
     async def generate_all(request: Request, prompt, params, served: Served, rid: str) -> list[RequestOutput]:
-        """Run to completion, aborting if the client disconnects or the timeout passes."""
+        """Run to completion, aborting if the client disconnects or the timeout passes. Each output's
+        arrival time is stamped on it (for TTFT and inter-token metrics)."""
         outs: list[RequestOutput] = []
 
         async def consume():
             async for out in backend.generate(prompt, params, served.adapters, rid):
+                out.arrived = time.monotonic()
                 outs.append(out)
 
         task = asyncio.ensure_future(consume())
@@ -147,6 +149,9 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
     def record(served: Served, outs: list[RequestOutput], started: float, first: float | None, itl: list[float],
                outcome: str) -> None:
         last = outs[-1] if outs else None
+        times = [o.arrived for o in outs if o.arrived is not None]
+        if first is None and times:  # a non-streamed request: timings from the outputs' arrivals
+            first, itl = times[0], [b - a for a, b in zip(times, times[1:])]
         metrics.observe_request(served.label, served.version, outcome, last.prompt_tokens if last else 0,
                                 last.completion_tokens if last else 0, (first - started) if first else None, itl,
                                 time.monotonic() - started)

@@ -96,3 +96,4 @@ class RequestOutput:
     completion_tokens: int
     adapters: tuple[tuple[str, float], ...]
     error: Exception | None = None
+    arrived: float | None = None  # when the API received it (monotonic seconds), for latency metrics

