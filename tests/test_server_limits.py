@@ -106,3 +106,48 @@ def test_request_timeout_is_504(world):  # noqa: F811
         assert s.backend.stats()["running"] == 0
     finally:
         s.stop()
+
+
+def test_adapter_for_another_base_is_refused(world, tmp_path):  # noqa: F811
+    """An adapter pushed for a 3-layer base is a clear 400 on this 2-layer server, not a crash."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from server_fixtures import TINY
+
+    other = tmp_path / "other-base"
+    LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 3})).save_pretrained(other)
+    from engine_fixtures import make_peft_adapters
+
+    folders = make_peft_adapters(tmp_path / "peft3", specs={"x": dict(r=4, lora_alpha=8, target_modules=["q_proj"])})
+    # re-save the adapter's tensors for a 3-layer model by pushing with the 3-layer base's shapes
+    world["registry"].push(folders["x"], "foreign", base_model=str(other))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAPLEX_HOME", str(world["root"] / "home"))
+        s = LiveServer(settings(world))
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"model": "foreign", "prompt": "w3", "max_tokens": 1})
+        assert r.status_code == 400 and "was made for base model" in r.json()["error"]["message"], r.text
+    finally:
+        s.stop()
+
+
+def test_registry_down_is_a_503(world):  # noqa: F811
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    closed = sock.getsockname()[1]
+    sock.close()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAPLEX_HOME", str(world["root"] / "home"))
+        mp.setenv("AWS_ACCESS_KEY_ID", "x")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "y")
+        cfg = settings(world).model_copy(update={"registry": f"s3://down/r?endpoint_url=http://127.0.0.1:{closed}&region=us-east-1"})
+        s = LiveServer(cfg)
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"model": "helper", "prompt": "w3", "max_tokens": 1}, timeout=120)
+        assert r.status_code == 503 and "cannot reach S3" in r.json()["error"]["message"], r.text
+        ok = httpx.post(s.url + "/v1/completions", json={"model": BASE, "prompt": "w3", "max_tokens": 1})
+        assert ok.status_code == 200  # the base model keeps serving
+    finally:
+        s.stop()
