@@ -60,11 +60,21 @@ def loadgen(url: str, label: str, args, out: Path, extra: list[str] = ()) -> dic
     return json.loads(out.read_text())
 
 
-def serve_loraplex(registry: str, fixture: Path, port: int, env: dict) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).with_name("loraplex")), "serve", "--model", str(fixture / "smollm2"), "--quantize", "none",
-           "--dtype", "bfloat16", "--port", str(port), "--max-loras", "5", "--max-lora-rank", "16", "--max-running", "32",
-           "--max-model-len", "512", "--max-batched-tokens", "1024"]
-    return subprocess.Popen(cmd + ["--registry", registry], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def measure(cmd: list[str], env: dict, url: str, ready_timeout: float, label: str, args, out: Path,
+            extra: list[str] = ()) -> dict:
+    """Start a server, wait until it answers, run the load generator against it, stop it."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(url, proc, ready_timeout)
+        return loadgen(url, label, args, out, extra)
+    finally:
+        stop(proc)
+
+
+def loraplex_cmd(registry: str, fixture: Path, port: int) -> list[str]:
+    return [str(Path(sys.executable).with_name("loraplex")), "serve", "--model", str(fixture / "smollm2"), "--quantize",
+            "none", "--dtype", "bfloat16", "--port", str(port), "--max-loras", "5", "--max-lora-rank", "16",
+            "--max-running", "32", "--max-model-len", "512", "--max-batched-tokens", "1024", "--registry", registry]
 
 
 def main() -> None:
@@ -91,27 +101,18 @@ def main() -> None:
     if args.only_cold:
         return cold(fixture, work, env)
 
-    proc = serve_loraplex(reg_uri, fixture, 18100, env)
-    try:
-        wait_ready("http://127.0.0.1:18100", proc, 300)
-        loadgen("http://127.0.0.1:18100", "loraplex", args, OUT / "serve-loraplex.json")
-        files.append(OUT / "serve-loraplex.json")
-    finally:
-        stop(proc)
+    measure(loraplex_cmd(reg_uri, fixture, 18100), env, "http://127.0.0.1:18100", 300, "loraplex", args,
+            OUT / "serve-loraplex.json")
+    files.append(OUT / "serve-loraplex.json")
 
     if not args.skip_vllm and Path(args.vllm_python).exists():
         mods = [f"a{i}={fixture / 'adapters' / f'a{i}'}" for i in range(4)]
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(fixture / "smollm2"),
                "--host", "127.0.0.1", "--port", "18000", "--enable-lora", "--max-loras", "4", "--max-lora-rank", "16",
                "--dtype", "bfloat16", "--max-model-len", "1024", "--lora-modules", *mods]
-        proc = subprocess.Popen(cmd, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2"), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        try:
-            wait_ready("http://127.0.0.1:18000", proc, 600)
-            loadgen("http://127.0.0.1:18000", "vllm-cpu", args, OUT / "serve-vllm.json")
-            files.append(OUT / "serve-vllm.json")
-        finally:
-            stop(proc)
+        measure(cmd, dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2"), "http://127.0.0.1:18000", 600, "vllm-cpu", args,
+                OUT / "serve-vllm.json")
+        files.append(OUT / "serve-vllm.json")
     elif (OUT / "serve-vllm.json").exists():  # the peer's last run, re-plotted beside this one
         files.append(OUT / "serve-vllm.json")
 
@@ -145,8 +146,9 @@ def cold(fixture: Path, work: Path, env: dict) -> None:
             folder = write_adapter(work / f"cold{k}", cfg=cfg, r=16, seed=100 + k, base="smollm2-135m-instruct")
             reg.push(folder, f"cold{k}", base_model=str(fixture / "smollm2"))
         env["LORAPLEX_HOME"] = str(work / "home-cold")  # an empty local cache
-        proc = serve_loraplex(uri, fixture, 18101, env)
-        try:
+        proc = subprocess.Popen(loraplex_cmd(uri, fixture, 18101), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:  # one server for the three probes: each adapter is cold the first time it is asked for
             wait_ready("http://127.0.0.1:18101", proc, 300)
             results = []
             for k in range(3):

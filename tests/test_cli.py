@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from adapter_factory import TINY_BASE_CONFIG, write_adapter, write_base_config
 
@@ -94,12 +94,6 @@ def base_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture
@@ -338,7 +332,7 @@ def test_bad_config_file(folder_cli, tmp_path, content, contains):
 # ---- S3 unreachable, refused or missing -------------------------------------------------------------
 @pytest.mark.parametrize("command", [["ls"], ["show", "foo"], ["push", "ADAPTER", "--name", "foo"]])
 def test_s3_down(tmp_path, make_adapter, command):
-    port = closed_port()
+    port = free_port()
     env = {**base_env(tmp_path), "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
     (tmp_path / "cwd").mkdir()
     cli = Cli(f"s3://bucket/p?endpoint_url=http://127.0.0.1:{port}", env, tmp_path / "cwd")

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from adapters import (
     AdapterCache, AdapterRegistry, BaseModelInfo, ConflictError, IncompatibleBaseError, IntegrityError,
@@ -191,20 +192,12 @@ def test_registries_do_not_see_each_other(registry_uri, tmp_path, make_adapter):
 
 
 # ---- S3 faults ---------------------------------------------------------------------------------
-def _closed_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_s3_down_is_a_clear_storage_error(make_adapter, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
-    reg = AdapterRegistry(f"s3://bucket/p?endpoint_url=http://127.0.0.1:{_closed_port()}&region=us-east-1")
+    reg = AdapterRegistry(f"s3://bucket/p?endpoint_url=http://127.0.0.1:{free_port()}&region=us-east-1")
     t = time.monotonic()
     with pytest.raises(StorageError, match="cannot reach S3 at http://127.0.0.1"):
         reg.push(make_adapter(), "m")

@@ -132,12 +132,9 @@ def test_adapter_for_another_base_is_refused(world, tmp_path):  # noqa: F811
 
 
 def test_registry_down_is_a_503(world):  # noqa: F811
-    import socket
+    from ports import free_port
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    closed = sock.getsockname()[1]
-    sock.close()
+    closed = free_port()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORAPLEX_HOME", str(world["root"] / "home"))
         mp.setenv("AWS_ACCESS_KEY_ID", "x")
