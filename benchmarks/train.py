@@ -115,9 +115,10 @@ def run_loraplex(args) -> dict:
     from trainer.config import load_config
     from trainer.recipe import train
 
-    cfg, base = load_config(ROOT / "examples" / "train.yaml",
-                            [f"output_dir={args.workdir / 'loraplex'}", f"train.max_steps={args.max_steps}"]
-                            if args.fixed_steps else [f"output_dir={args.workdir / 'loraplex'}"])
+    overrides = [f"output_dir={args.workdir / 'loraplex'}", *args.set]
+    if args.fixed_steps:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    cfg, base = load_config(ROOT / "examples" / "train.yaml", overrides)
     log: list = []
     from transformers import AutoTokenizer
 
@@ -153,6 +154,8 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=200)
     ap.add_argument("--fixed-steps", action="store_true", help="loraplex: train.max_steps=--max-steps (default: "
                                                                     "the example config's own schedule)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                    help="loraplex: overrides of examples/train.yaml (e.g. train.batch_size=4)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/loraplex-train-bench"))
     ap.add_argument("--child", choices=["peer", "loraplex"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train.json")
@@ -167,7 +170,7 @@ def main() -> None:
     for system in ([args.only] if args.only else ["loraplex", "peer"]):
         print(f"{system} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--child", system, "--probe-every", str(args.probe_every),
-               "--max-steps", str(args.max_steps), "--workdir", str(args.workdir)] + (["--fixed-steps"] if args.fixed_steps else [])
+               "--max-steps", str(args.max_steps), "--workdir", str(args.workdir), "--set", *args.set] + (["--fixed-steps"] if args.fixed_steps else [])
         p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)  # the child's progress goes to stderr
         if p.returncode:
             sys.exit(f"{system} failed")

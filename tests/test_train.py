@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 from server_fixtures import save_tiny_base
 from test_cli import one_line_error
 
-ENV = {**os.environ, "LORAPLEX_PROGRESS": "0"}
+def env(**extra) -> dict:
+    """The environment at call time (the S3 fixture sets its credentials with monkeypatch), without progress bars."""
+    return {**os.environ, "LORAPLEX_PROGRESS": "0", **extra}
 
 
 def _rows(n: int, seed: int = 0) -> list[dict]:
@@ -53,9 +55,9 @@ def _config(tiny, folder: Path, **train) -> Path:
     return p
 
 
-def loraplex(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adapters.cli", *map(str, args)], env=ENV, capture_output=True,
-                          text=True, timeout=timeout, **kw)
+def loraplex(*args, timeout=300, environ=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adapters.cli", *map(str, args)], env=environ or env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_train_failures_are_one_line(tiny, tmp_path):
@@ -77,7 +79,7 @@ def test_train_failures_are_one_line(tiny, tmp_path):
     # An unreachable S3 registry fails before any training starts, not after.
     t = time.monotonic()
     p = loraplex("train", cfg, "--push", "x", "--registry", "s3://b/r?endpoint_url=http://127.0.0.1:9",
-                 env={**ENV, "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "AWS_MAX_ATTEMPTS": "1"})
+                 environ=env(AWS_ACCESS_KEY_ID="a", AWS_SECRET_ACCESS_KEY="b", AWS_MAX_ATTEMPTS="1"))
     one_line_error(p)
     assert not (tmp_path / "c" / "out").exists() and time.monotonic() - t < 60
     one_line_error(loraplex("eval", "../x", "--data", tiny["data"]), contains="adapter name")
@@ -113,7 +115,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny, tmp_path):
     assert loraplex("train", straight).returncode == 0
 
     cut = _config(tiny, tmp_path / "cut", max_steps=steps, save_steps=20)
-    proc = subprocess.Popen([sys.executable, "-m", "adapters.cli", "train", str(cut)], env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "adapters.cli", "train", str(cut)], env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "cut" / "out" / "checkpoints"
     deadline = time.monotonic() + 120

@@ -27,7 +27,7 @@ class _Section(BaseModel):
 class LoraSection(_Section):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank")
     alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora)")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input during training")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input during training (0: no copy of each input)")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="modules to adapt: all-linear, or a list such as [q_proj, v_proj]")
     rslora: bool = Field(False, description="rank-stabilized scaling alpha/sqrt(r)")
@@ -60,7 +60,7 @@ class TrainSection(_Section):
         "cosine", description="learning-rate schedule after warmup")
     warmup_steps: int = Field(5, ge=0, description="steps of linear warmup")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    batch_size: int = Field(8, ge=1, le=4096, description="rows per forward pass")
+    batch_size: int = Field(4, ge=1, le=4096, description="rows per forward pass")
     gradient_accumulation: int = Field(1, ge=1, description="forward passes per optimizer step")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, slower")
     seed: int = Field(0, ge=0, description="seed for the split, the data order, dropout and LoRA init")
