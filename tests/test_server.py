@@ -14,15 +14,17 @@ from adapters import AdapterCache, AdapterRegistry
 from adapters.routes import RouteStore
 from engine_fixtures import ADAPTERS, make_peft_adapters
 from server.api.settings import ServerSettings
-from server_fixtures import LiveServer, free_port, save_tiny_base
+from server_fixtures import LiveServer, engine_dims, free_port, save_tiny_base, vllm_settings
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny base, a folder registry with helper@1, helper@2 (alias prod -> 1) and other@1."""
-    root = tmp_path_factory.mktemp("server")
-    base = save_tiny_base(root / "tiny-base")
-    folders = make_peft_adapters(root / "peft", specs={**ADAPTERS, "all8b": ADAPTERS["all8"]})
+def world(tmp_path_factory, engine_kind):
+    """A tiny base, a folder registry with helper@1, helper@2 (alias prod -> 1) and other@1; served by
+    the engine backend ``engine_kind`` (the tests run once per backend)."""
+    root = tmp_path_factory.mktemp(f"server-{engine_kind}")
+    dims = engine_dims(engine_kind)
+    base = save_tiny_base(root / "tiny-base", dims)
+    folders = make_peft_adapters(root / "peft", specs={**ADAPTERS, "all8b": ADAPTERS["all8"]}, dims=dims)
     reg_uri = (root / "registry").as_uri()
     reg = AdapterRegistry(reg_uri, cache=AdapterCache(root / "cache"))
     reg.push(folders["all8"], "helper", base_model=str(base))
@@ -30,12 +32,14 @@ def world(tmp_path_factory):
     reg.tag("helper@1", "prod")
     reg.push(folders["mlp16rs"], "other", base_model=str(base))
     reg.push(folders["all8b"], "acme-bot", base_model=str(base))
-    return {"root": root, "base": base, "registry": reg, "reg_uri": reg_uri, "folders": folders}
+    return {"root": root, "base": base, "registry": reg, "reg_uri": reg_uri, "folders": folders, "engine": engine_kind,
+            "dims": dims}
 
 
 def settings(world, **kw) -> ServerSettings:
     return ServerSettings(model=str(world["base"]), quantize="none", dtype="float32", registry=world["reg_uri"],
-                          port=free_port(), max_lora_rank=32, max_model_len=256, registry_ttl=0.0, **kw)
+                          port=free_port(), max_lora_rank=32, max_model_len=256, registry_ttl=0.0,
+                          **{**vllm_settings(world["engine"]), **kw})
 
 
 @pytest.fixture(scope="module")
