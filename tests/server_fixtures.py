@@ -58,15 +58,25 @@ def vllm_settings(engine: str) -> dict:
 
 class LiveServer:
     def __init__(self, settings) -> None:
+        import socket
+
         import uvicorn
 
         from server.server import build_server
 
-        self.server = build_server(settings)
+        # Bound before the engine starts: vLLM's processes take free ports of their own while starting.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", settings.port))
+        try:
+            self.server = build_server(settings)
+        except BaseException:
+            sock.close()
+            raise
         self.url = f"http://127.0.0.1:{settings.port}"
         self._uv = uvicorn.Server(uvicorn.Config(self.server.app, host="127.0.0.1", port=settings.port,
                                                  log_level="warning", lifespan="off"))
-        self._thread = threading.Thread(target=self._uv.run, daemon=True)
+        self._thread = threading.Thread(target=self._uv.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -182,6 +182,23 @@ def test_mixture_and_merge_through_extra_body(client):
     assert cat.choices[0].message.content == mix.choices[0].message.content
 
 
+def test_mixture_above_max_lora_rank(client, world):
+    """Four adapters of ranks 8 + 16 + 8 + 4 = 36 against max_lora_rank 32. The native engine mixes them
+    in the batch (each adapter in its own slot); vLLM serves one adapter per request, so its exact
+    mixture would be one adapter of rank 36: a clear 400 that says so, not an engine failure."""
+    mix = [{"name": "helper@1", "weight": 0.4}, {"name": "other", "weight": 0.3}, {"name": "acme-bot", "weight": 0.2},
+           {"name": "helper@2", "weight": 0.1}]
+    if world["engine"] == "native":
+        r = client.completions.create(model=BASE, prompt="w3", max_tokens=2, extra_body={"adapters": mix})
+        assert r.usage.completion_tokens == 2
+        return
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=BASE, prompt="w3", max_tokens=2, extra_body={"adapters": mix})
+    assert "summed rank 36" in e.value.body["message"] and "max_lora_rank 32" in e.value.body["message"]
+    # the engine still serves
+    assert client.completions.create(model="helper@1", prompt="w3", max_tokens=2).usage.completion_tokens == 2
+
+
 def test_seeded_sampling_is_reproducible_and_logprobs(client):
     kw = dict(model="helper", messages=MSG, max_tokens=6, temperature=1.0, seed=7)
     a = client.chat.completions.create(**kw).choices[0].message.content
