@@ -74,7 +74,7 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, help="seconds a request may take")
     p.add_argument("--tensor-parallel-size", type=int, help="vllm engine: GPUs to shard each layer over")
     p.add_argument("--pipeline-parallel-size", type=int, help="vllm engine: GPUs to split the layers over")
-    p.add_argument("--kv-cache-gib", type=float, help="vllm engine: KV cache size in GiB (default: vLLM's)")
+    p.add_argument("--kv-cache-gib", type=float, help="vllm engine: KV cache size in GiB (default 4 on CPU, vLLM's own on GPUs)")
 
 
 SERVE = (cmd_serve, "serve the base model and the registry's adapters over an OpenAI-compatible API", _args_serve)

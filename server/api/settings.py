@@ -38,7 +38,7 @@ class ServerSettings(BaseSettings):
     # vLLM engine only (passed through to vLLM):
     tensor_parallel_size: int = Field(default=1, ge=1)
     pipeline_parallel_size: int = Field(default=1, ge=1)
-    kv_cache_gib: float | None = Field(default=None, gt=0)  # KV cache size; None: vLLM's default
+    kv_cache_gib: float | None = Field(default=None, gt=0)  # KV cache size; None: 4 on CPU, vLLM's default on GPUs
 
     @property
     def quantization(self) -> str:

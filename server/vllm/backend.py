@@ -113,7 +113,10 @@ class VllmBackend:
         queue: asyncio.Queue = asyncio.Queue()
 
         def push(item) -> None:
-            caller.call_soon_threadsafe(queue.put_nowait, item)
+            try:
+                caller.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the caller's loop is closed: nobody reads this request any more
+                pass
 
         task = self._on_loop(self._pump(ids, to_vllm(params), lora, request_id, stream, push))
         finished = False

@@ -45,7 +45,7 @@ class AdapterCatalog:
         self.base = base
         self.max_rank = max_rank
         self.derived = derived
-        self._known: dict[str, CheckedAdapter] = {}  # immutable ones: registry versions, derived adapters
+        self._known: dict[str, CheckedAdapter] = {}  # checked: by name, or by path#mtime-size for a folder
         self._ids: dict[str, int] = {}  # identity -> lora_int_id
         self._names: dict[int, str] = {}  # lora_int_id -> engine name
         self._counter = itertools.count(1)
@@ -54,15 +54,21 @@ class AdapterCatalog:
     # ---- one adapter -----------------------------------------------------------------------------------
     def check(self, name: str) -> CheckedAdapter:
         """Fetch (registry) and validate an adapter against the base; raise the API's errors."""
+        key = name
+        if is_path(name):  # a folder is checked again whenever its weights file changes
+            folder = Path(name).expanduser()
+            try:
+                st = (folder / WEIGHTS_FILE).stat()
+                key = f"{folder.resolve()}#{st.st_mtime_ns}-{st.st_size}"
+            except OSError:
+                pass  # validate_adapter says what is missing
         with self._lock:
-            known = self._known.get(name)
+            known = self._known.get(key)
         if known is not None:
             return known
         if is_path(name):
-            folder = Path(name).expanduser()
             validate_adapter(folder, self.base)
-            st = (folder / WEIGHTS_FILE).stat()
-            checked = CheckedAdapter(name, f"{folder.resolve()}#{st.st_mtime_ns}-{st.st_size}", folder, _rank(folder))
+            checked = CheckedAdapter(name, key, folder, _rank(folder))
         else:
             if self.registry is None:
                 raise NotFoundError(f"adapter {name!r} not found: no registry configured")
@@ -73,9 +79,8 @@ class AdapterCatalog:
             checked = CheckedAdapter(manifest.ref, manifest.ref, folder, _rank(folder))
         if checked.rank > self.max_rank:
             raise InvalidAdapterError(f"adapter {name} has rank {checked.rank}, above max_lora_rank {self.max_rank}")
-        if not is_path(name):
-            with self._lock:
-                self._known[name] = checked
+        with self._lock:
+            self._known[key] = checked
         return checked
 
     def lora_id(self, checked: CheckedAdapter) -> int:

@@ -17,6 +17,7 @@ from adapters.errors import ConfigError
 # vllm.config.lora.MaxLoRARanks in vLLM 0.32: the ranks its LoRA kernels are built for.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _GIB = 1 << 30
+_CPU_KV_GIB = 4.0
 
 
 def vllm_rank(max_lora_rank: int) -> int:
@@ -43,7 +44,7 @@ class VllmLaunch:
     max_batched_tokens: int = 1024
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    kv_cache_gib: float | None = None  # None: vLLM's default (on CPU, VLLM_CPU_KVCACHE_SPACE or its own guess)
+    kv_cache_gib: float | None = None  # None: 4 GiB on CPU, vLLM's default (a share of free memory) on GPUs
 
     def __post_init__(self) -> None:
         if self.quantize not in ("none", "nf4"):
@@ -58,8 +59,11 @@ class VllmLaunch:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         extra = {}
-        if self.kv_cache_gib is not None:
-            extra["kv_cache_memory_bytes"] = int(self.kv_cache_gib * _GIB)
+        # On CPU vLLM would otherwise reserve 90% of the machine's memory, and refuse to start when less is
+        # free. (VLLM_CPU_KVCACHE_SPACE, vLLM's own variable, still wins when set.)
+        kv_gib = self.kv_cache_gib if self.kv_cache_gib is not None else (_CPU_KV_GIB if self.device == "cpu" else None)
+        if kv_gib is not None:
+            extra["kv_cache_memory_bytes"] = int(kv_gib * _GIB)
         if self.quantize == "nf4":
             extra["quantization"] = "bitsandbytes"
         return AsyncEngineArgs(
