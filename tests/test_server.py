@@ -199,6 +199,18 @@ def test_mixture_above_max_lora_rank(client, world):
     assert client.completions.create(model="helper@1", prompt="w3", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_stop_strings_cut_the_text(client):
+    whole = client.completions.create(model="helper@1", prompt="w20 w21", max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    words = whole.choices[0].text.split()
+    assert len(words) >= 4 and whole.choices[0].finish_reason == "length"
+    stop = words[2]
+    cut = client.completions.create(model="helper@1", prompt="w20 w21", max_tokens=8, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    text = whole.choices[0].text
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == text[:text.index(stop)]
+
+
 def test_seeded_sampling_is_reproducible_and_logprobs(client):
     kw = dict(model="helper", messages=MSG, max_tokens=6, temperature=1.0, seed=7)
     a = client.chat.completions.create(**kw).choices[0].message.content
@@ -285,6 +297,8 @@ def test_admin_load_unload_and_status(server, client, world):
     status = httpx.get(url + "/v1/adapters").json()["data"]
     assert any(a["id"] == "helper@1" and a["tier"] in ("device", "host") for a in status)
     assert httpx.post(url + "/v1/adapters/helper@2/pin").json() == {"id": "helper@2", "pinned": True}
+    pinned = {a["id"]: a for a in httpx.get(url + "/v1/adapters").json()["data"]}
+    assert pinned["helper@2"]["pinned"] is True
     assert httpx.post(url + "/v1/adapters/helper@2/unpin").json()["pinned"] is False
     assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "local-one"}).status_code == 200
     with pytest.raises(openai.NotFoundError):
