@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from adapters import AdapterRegistry, BaseModelInfo
-from adapters.errors import EngineError, LoraplexError
+from adapters.errors import ConfigError, EngineError, LoraplexError
 
 from ..engine.request import RequestOutput, SamplingParams
 from .catalog import AdapterCatalog
@@ -61,6 +61,10 @@ class VllmBackend:
         self._thread.start()
         try:
             self._engine = self._on_loop(self._start()).result()
+        except Exception as exc:  # vLLM's own message, on one line (its log above has the details)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            first = (str(exc).splitlines() or [""])[0]
+            raise ConfigError(f"vLLM could not start the engine for {launch.model}: {type(exc).__name__}: {first}") from exc
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
