@@ -62,5 +62,12 @@ class StorageError(LoraplexError):
     type = "server_error"
 
 
+class EngineError(LoraplexError):
+    """The inference engine failed while serving a request (not the request's fault)."""
+
+    status = 500
+    type = "server_error"
+
+
 class ConfigError(LoraplexError):
     """A bad option, config file or registry URI."""

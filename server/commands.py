@@ -29,9 +29,9 @@ def _args_bench(p: argparse.ArgumentParser) -> None:
 
 BENCH = (cmd_bench, "measure loraplex against its peers on this machine", _args_bench)
 
-_SERVE_FLAGS = ("host", "port", "model", "quantize", "dtype", "device", "api_keys_file", "max_loras", "max_lora_rank",
-                "max_cpu_loras", "max_running", "max_model_len", "max_batched_tokens", "max_queue", "max_tokens",
-                "request_timeout")
+_SERVE_FLAGS = ("host", "port", "engine", "model", "quantize", "dtype", "device", "api_keys_file", "max_loras",
+                "max_lora_rank", "max_cpu_loras", "max_running", "max_model_len", "max_batched_tokens", "max_queue",
+                "max_tokens", "request_timeout", "tensor_parallel_size", "pipeline_parallel_size", "kv_cache_gib")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -60,8 +60,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _args_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1; env LORAPLEX_HOST)")
     p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--engine", choices=["native", "vllm"],
+                   help="native (default): loraplex's engine; vllm: vLLM's async engine (pip install 'loraplex[vllm]')")
     p.add_argument("--model", help="base model: smollm2-135m-instruct (default) or a local HF folder")
-    p.add_argument("--quantize", choices=["nf4", "int8", "none"], help="base quantization (default nf4)")
+    p.add_argument("--quantize", choices=["nf4", "int8", "none"],
+                   help="base quantization (default: nf4 on the native engine, none on vllm)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--api-keys-file", help="YAML file of API keys, scopes and adapter patterns")
@@ -69,6 +72,9 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
                  "max_queue", "max_tokens"):
         p.add_argument("--" + name.replace("_", "-"), type=int, dest=name)
     p.add_argument("--request-timeout", type=float, help="seconds a request may take")
+    p.add_argument("--tensor-parallel-size", type=int, help="vllm engine: GPUs to shard each layer over")
+    p.add_argument("--pipeline-parallel-size", type=int, help="vllm engine: GPUs to split the layers over")
+    p.add_argument("--kv-cache-gib", type=float, help="vllm engine: KV cache size in GiB (default 4 on CPU, vLLM's own on GPUs)")
 
 
 SERVE = (cmd_serve, "serve the base model and the registry's adapters over an OpenAI-compatible API", _args_serve)

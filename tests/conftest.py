@@ -86,4 +86,15 @@ def smol_bf16(smol_cache):
     return load_model(ModelSpec(quantize="none", cache_dir=smol_cache))  # converts, once per session
 
 
+@pytest.fixture(scope="module", params=["native", "vllm"])
+def engine_kind(request) -> str:
+    """The engine backend a live server runs on: the API suite runs against both."""
+    if request.param == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except Exception as exc:  # not installed, or installed but broken (torchvision beside the CPU torch)
+            pytest.skip(f"vLLM backend: `import vllm` failed ({type(exc).__name__}: {exc}); install the `vllm` extra")
+    return request.param
+
+
 __all__ = ["TINY_BASE_CONFIG", "S3Storage"]

@@ -19,17 +19,18 @@ ADAPTERS = {
 }
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, dims: dict | None = None) -> LlamaForCausalLM:
+    """The tiny Llama; ``dims`` overrides some of ``TINY`` (e.g. the heads, for vLLM)."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **(dims or {})})).eval()
     return model
 
 
-def make_peft_adapters(folder: Path, seed: int = 1, specs: dict = ADAPTERS) -> dict[str, Path]:
+def make_peft_adapters(folder: Path, seed: int = 1, specs: dict = ADAPTERS, dims: dict | None = None) -> dict[str, Path]:
     """Save each adapter as its own PEFT folder (random, non-zero B); returns name -> folder."""
     out = {}
     for i, (name, kw) in enumerate(specs.items()):
-        base = tiny_llama()
+        base = tiny_llama(dims=dims)
         torch.manual_seed(seed + i)
         peft_model = get_peft_model(base, LoraConfig(**kw, lora_dropout=0.0))
         with torch.no_grad():

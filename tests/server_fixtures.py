@@ -13,6 +13,9 @@ from ports import free_port  # noqa: F401  (re-exported for the server tests)
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)
+# vLLM's CPU attention takes head sizes of 32 and up (TINY's are 16): its servers' bases have 2 query
+# heads and 1 KV head of 32, the other sizes as TINY.
+VLLM_HEADS = dict(num_attention_heads=2, num_key_value_heads=1)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
     "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
@@ -33,30 +36,49 @@ def tiny_tokenizer():
     return hf
 
 
-def save_tiny_base(folder: Path) -> Path:
+def save_tiny_base(folder: Path, dims: dict | None = None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=False)).eval().save_pretrained(folder)
+    LlamaForCausalLM(LlamaConfig(**{**TINY, **(dims or {})}, tie_word_embeddings=False)).eval().save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
 
 
+def engine_dims(engine: str) -> dict:
+    """The tiny base's overrides for an engine backend (see VLLM_HEADS)."""
+    return VLLM_HEADS if engine == "vllm" else {}
+
+
+def vllm_settings(engine: str) -> dict:
+    """Server settings a test server on this engine needs: vLLM gets a small KV cache (the machines
+    running the tests have little memory to spare)."""
+    return {"engine": engine, "kv_cache_gib": 0.25} if engine == "vllm" else {"engine": engine}
 
 
 class LiveServer:
     def __init__(self, settings) -> None:
+        import socket
+
         import uvicorn
 
         from server.server import build_server
 
-        self.server = build_server(settings)
+        # Bound before the engine starts: vLLM's processes take free ports of their own while starting.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", settings.port))
+        try:
+            self.server = build_server(settings)
+        except BaseException:
+            sock.close()
+            raise
         self.url = f"http://127.0.0.1:{settings.port}"
         self._uv = uvicorn.Server(uvicorn.Config(self.server.app, host="127.0.0.1", port=settings.port,
                                                  log_level="warning", lifespan="off"))
-        self._thread = threading.Thread(target=self._uv.run, daemon=True)
+        self._thread = threading.Thread(target=self._uv.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:

@@ -14,15 +14,17 @@ from adapters import AdapterCache, AdapterRegistry
 from adapters.routes import RouteStore
 from engine_fixtures import ADAPTERS, make_peft_adapters
 from server.api.settings import ServerSettings
-from server_fixtures import LiveServer, free_port, save_tiny_base
+from server_fixtures import LiveServer, engine_dims, free_port, save_tiny_base, vllm_settings
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny base, a folder registry with helper@1, helper@2 (alias prod -> 1) and other@1."""
-    root = tmp_path_factory.mktemp("server")
-    base = save_tiny_base(root / "tiny-base")
-    folders = make_peft_adapters(root / "peft", specs={**ADAPTERS, "all8b": ADAPTERS["all8"]})
+def world(tmp_path_factory, engine_kind):
+    """A tiny base, a folder registry with helper@1, helper@2 (alias prod -> 1) and other@1; served by
+    the engine backend ``engine_kind`` (the tests run once per backend)."""
+    root = tmp_path_factory.mktemp(f"server-{engine_kind}")
+    dims = engine_dims(engine_kind)
+    base = save_tiny_base(root / "tiny-base", dims)
+    folders = make_peft_adapters(root / "peft", specs={**ADAPTERS, "all8b": ADAPTERS["all8"]}, dims=dims)
     reg_uri = (root / "registry").as_uri()
     reg = AdapterRegistry(reg_uri, cache=AdapterCache(root / "cache"))
     reg.push(folders["all8"], "helper", base_model=str(base))
@@ -30,12 +32,14 @@ def world(tmp_path_factory):
     reg.tag("helper@1", "prod")
     reg.push(folders["mlp16rs"], "other", base_model=str(base))
     reg.push(folders["all8b"], "acme-bot", base_model=str(base))
-    return {"root": root, "base": base, "registry": reg, "reg_uri": reg_uri, "folders": folders}
+    return {"root": root, "base": base, "registry": reg, "reg_uri": reg_uri, "folders": folders, "engine": engine_kind,
+            "dims": dims}
 
 
 def settings(world, **kw) -> ServerSettings:
     return ServerSettings(model=str(world["base"]), quantize="none", dtype="float32", registry=world["reg_uri"],
-                          port=free_port(), max_lora_rank=32, max_model_len=256, registry_ttl=0.0, **kw)
+                          port=free_port(), max_lora_rank=32, max_model_len=256, registry_ttl=0.0,
+                          **{**vllm_settings(world["engine"]), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +182,35 @@ def test_mixture_and_merge_through_extra_body(client):
     assert cat.choices[0].message.content == mix.choices[0].message.content
 
 
+def test_mixture_above_max_lora_rank(client, world):
+    """Four adapters of ranks 8 + 16 + 8 + 4 = 36 against max_lora_rank 32. The native engine mixes them
+    in the batch (each adapter in its own slot); vLLM serves one adapter per request, so its exact
+    mixture would be one adapter of rank 36: a clear 400 that says so, not an engine failure."""
+    mix = [{"name": "helper@1", "weight": 0.4}, {"name": "other", "weight": 0.3}, {"name": "acme-bot", "weight": 0.2},
+           {"name": "helper@2", "weight": 0.1}]
+    if world["engine"] == "native":
+        r = client.completions.create(model=BASE, prompt="w3", max_tokens=2, extra_body={"adapters": mix})
+        assert r.usage.completion_tokens == 2
+        return
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=BASE, prompt="w3", max_tokens=2, extra_body={"adapters": mix})
+    assert "summed rank 36" in e.value.body["message"] and "max_lora_rank 32" in e.value.body["message"]
+    # the engine still serves
+    assert client.completions.create(model="helper@1", prompt="w3", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_stop_strings_cut_the_text(client):
+    whole = client.completions.create(model="helper@1", prompt="w20 w21", max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    words = whole.choices[0].text.split()
+    assert len(words) >= 4 and whole.choices[0].finish_reason == "length"
+    stop = words[2]
+    cut = client.completions.create(model="helper@1", prompt="w20 w21", max_tokens=8, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    text = whole.choices[0].text
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == text[:text.index(stop)]
+
+
 def test_seeded_sampling_is_reproducible_and_logprobs(client):
     kw = dict(model="helper", messages=MSG, max_tokens=6, temperature=1.0, seed=7)
     a = client.chat.completions.create(**kw).choices[0].message.content
@@ -264,6 +297,8 @@ def test_admin_load_unload_and_status(server, client, world):
     status = httpx.get(url + "/v1/adapters").json()["data"]
     assert any(a["id"] == "helper@1" and a["tier"] in ("device", "host") for a in status)
     assert httpx.post(url + "/v1/adapters/helper@2/pin").json() == {"id": "helper@2", "pinned": True}
+    pinned = {a["id"]: a for a in httpx.get(url + "/v1/adapters").json()["data"]}
+    assert pinned["helper@2"]["pinned"] is True
     assert httpx.post(url + "/v1/adapters/helper@2/unpin").json()["pinned"] is False
     assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "local-one"}).status_code == 200
     with pytest.raises(openai.NotFoundError):

@@ -115,10 +115,11 @@ def test_adapter_for_another_base_is_refused(world, tmp_path):  # noqa: F811
     from server_fixtures import TINY
 
     other = tmp_path / "other-base"
-    LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 3})).save_pretrained(other)
+    LlamaForCausalLM(LlamaConfig(**{**TINY, **world["dims"], "num_hidden_layers": 3})).save_pretrained(other)
     from engine_fixtures import make_peft_adapters
 
-    folders = make_peft_adapters(tmp_path / "peft3", specs={"x": dict(r=4, lora_alpha=8, target_modules=["q_proj"])})
+    folders = make_peft_adapters(tmp_path / "peft3", specs={"x": dict(r=4, lora_alpha=8, target_modules=["q_proj"])},
+                                 dims=world["dims"])
     # re-save the adapter's tensors for a 3-layer model by pushing with the 3-layer base's shapes
     world["registry"].push(folders["x"], "foreign", base_model=str(other))
     with pytest.MonkeyPatch.context() as mp:

@@ -351,8 +351,9 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys, metrics, lim
     async def metrics_endpoint():
         s = backend.stats()
         metrics.set_engine(s)
-        metrics.update_adapter_cache(SimpleNamespace(hits=s["cache_hits"], misses=s["cache_misses"], loads=s["loads"],
-                                                     evictions=s["evictions"], load_seconds=s["load_seconds"]))
+        if s.get("cache_hits") is not None:  # an engine that cannot tell (vLLM) leaves the counters unset
+            metrics.update_adapter_cache(SimpleNamespace(hits=s["cache_hits"], misses=s["cache_misses"], loads=s["loads"],
+                                                         evictions=s["evictions"], load_seconds=s["load_seconds"]))
         body_, content_type = metrics.render()
         return Response(body_, media_type=content_type)
 

@@ -1,7 +1,7 @@
 """The plug point between the HTTP API and an engine: what the API needs, nothing more.
 
-Implementations: the native engine in its own process (``server.engine.process.EngineProcess``);
-vLLM is planned. The API imports only this Protocol and the torch-free request types.
+Implementations: the native engine in its own process (``server.engine.process.EngineProcess``) and
+vLLM's async engine (``server.vllm.VllmBackend``). The API imports only this Protocol and the torch-free request types.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class EngineBackend(Protocol):
         """Adapters the engine holds: tier (device | host | loading), slot, references, load seconds."""
 
     def stats(self) -> dict:
-        """running, waiting, kv_slots_used, kv_slots_total, batch_tokens, cache hits/misses/loads/evictions."""
+        """running, waiting, kv_slots_used, kv_slots_total, batch_tokens, cache hits/misses/loads/evictions
+        (cumulative), load_seconds; a value the engine cannot tell is None."""
 
     def close(self) -> None:
         """Stop the engine thread."""

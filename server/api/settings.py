@@ -15,8 +15,9 @@ class ServerSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    engine: Literal["native", "vllm"] = "native"  # native: loraplex's engine; vllm: vLLM's AsyncLLM (extra `vllm`)
     model: str = "smollm2-135m-instruct"
-    quantize: Literal["nf4", "int8", "none"] = "nf4"
+    quantize: Literal["nf4", "int8", "none"] | None = None  # None: the engine's default (native nf4, vllm none)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     device: Literal["cpu", "cuda"] = "cpu"
     registry: str | None = None  # default: LORAPLEX_HOME/registry (see adapters.config)
@@ -34,3 +35,14 @@ class ServerSettings(BaseSettings):
     max_tokens: int = Field(default=2048, ge=1)
     request_timeout: float = Field(default=600.0, gt=0)
     registry_ttl: float = Field(default=5.0, ge=0)  # seconds a resolved alias/latest/route is reused
+    # vLLM engine only (passed through to vLLM):
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    kv_cache_gib: float | None = Field(default=None, gt=0)  # KV cache size; None: 4 on CPU, vLLM's default on GPUs
+
+    @property
+    def quantization(self) -> str:
+        """``quantize``, or the engine's default when unset."""
+        if self.quantize is not None:
+            return self.quantize
+        return "nf4" if self.engine == "native" else "none"

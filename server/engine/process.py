@@ -78,10 +78,7 @@ def _engine_main(conn, launch: EngineLaunch) -> None:  # runs in the child proce
             from ..lora.merge import MergeSpec
 
             sources, merge = args
-            spec = MergeSpec(merge["strategy"], tuple(merge["weights"]), density=merge.get("density"),
-                             majority_sign_method=merge.get("majority_sign_method", "total"),
-                             svd_rank=merge.get("svd_rank"), svd_clamp=merge.get("svd_clamp"), seed=merge.get("seed"))
-            return engine.add_merge(sources, spec)
+            return engine.add_merge(sources, MergeSpec.from_request(merge))
         if method == "check_adapter":
             engine.bank.check(engine.adapters.loader(args[0]))
             return None

@@ -307,6 +307,13 @@ class MergeSpec:
             if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
                 raise InvalidMergeError(f"merge seed must be an integer in [0, 2**63), got {self.seed!r}")
 
+    @classmethod
+    def from_request(cls, merge: dict) -> MergeSpec:
+        """From the API's merge object (``strategy``, ``weights`` and the strategy's parameters)."""
+        return cls(merge["strategy"], tuple(merge["weights"]), density=merge.get("density"),
+                   majority_sign_method=merge.get("majority_sign_method", "total"), svd_rank=merge.get("svd_rank"),
+                   svd_clamp=merge.get("svd_clamp"), seed=merge.get("seed"))
+
     @property
     def strategy_impl(self) -> MergeStrategy:
         return STRATEGIES[self.strategy]

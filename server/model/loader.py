@@ -220,9 +220,19 @@ def _quantization_config(spec: ModelSpec) -> Any:
     )
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
-    """Load (converting the embedded GGUF first if needed), quantize and freeze the base model."""
-    start = time.perf_counter()
+@dataclass(frozen=True, slots=True)
+class ModelFolder:
+    """Where a ``ModelSpec``'s weights live on disk, and what the registry knows of them."""
+
+    path: Path  # a checked HF folder (config.json, safetensors)
+    config: dict  # its config.json
+    info: BaseModelInfo
+    converted: bool  # True when this call dequantized the embedded GGUF into the cache
+
+
+def locate_model(spec: ModelSpec) -> ModelFolder:
+    """The HF folder of a spec's base model (converting the embedded GGUF once), checked, without
+    loading any weights: what ``load_model`` reads, and what other engines (vLLM) are pointed at."""
     converted = False
     if spec.embedded:
         folder = spec.cache_dir / SMOLLM2_135M.id
@@ -231,6 +241,15 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     else:
         folder = Path(spec.model).expanduser()
     raw_cfg = _check_folder(folder)
+    model_id = SMOLLM2_135M.id if spec.embedded else str(raw_cfg.get("_name_or_path") or folder.name)
+    return ModelFolder(folder, raw_cfg, BaseModelInfo.from_hf_config(model_id, raw_cfg), converted)
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load (converting the embedded GGUF first if needed), quantize and freeze the base model."""
+    start = time.perf_counter()
+    located = locate_model(spec)
+    folder, converted = located.path, located.converted
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -246,9 +265,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     model.eval().requires_grad_(False)
     has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
     tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
-    model_id = SMOLLM2_135M.id if spec.embedded else str(raw_cfg.get("_name_or_path") or folder.name)
-    info = BaseModelInfo.from_hf_config(model_id, raw_cfg)
     return LoadedModel(
-        model=model, tokenizer=tokenizer, config=config, info=info, spec=spec, path=folder,
+        model=model, tokenizer=tokenizer, config=config, info=located.info, spec=spec, path=folder,
         load_seconds=time.perf_counter() - start, converted=converted,
     )

@@ -1,0 +1,40 @@
+"""vLLM's streamed ``RequestOutput`` deltas as loraplex's ``RequestOutput`` (what the API consumes)."""
+
+from __future__ import annotations
+
+from ..engine.request import RequestOutput
+
+
+class OutputStream:
+    """Turns one request's vLLM delta outputs into loraplex outputs, keeping the running totals."""
+
+    def __init__(self, request_id: str, prompt_tokens: int, adapters: tuple[tuple[str, float], ...],
+                 logprobs: int | None) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.adapters = adapters
+        self.logprobs = logprobs  # top logprobs asked for per token, None if none
+        self.completion_tokens = 0
+
+    def convert(self, out) -> RequestOutput:
+        """One ``vllm.outputs.RequestOutput`` (``RequestOutputKind.DELTA``) -> loraplex's."""
+        done = bool(out.finished)
+        comp = out.outputs[0] if out.outputs else None
+        ids = list(comp.token_ids) if comp is not None else []
+        self.completion_tokens += len(ids)
+        values: list[float] = []
+        tops: list[list[tuple[int, float]]] | None = None
+        if self.logprobs is not None and comp is not None and comp.logprobs:
+            # One dict per new token: token id -> Logprob(logprob, rank); the sampled token is always
+            # there, besides the top ``logprobs`` ones (ranks 1..k).
+            tops = []
+            for tid, per_token in zip(ids, comp.logprobs):
+                values.append(float(per_token[tid].logprob))
+                best = sorted((lp.rank, t, lp.logprob) for t, lp in per_token.items() if lp.rank is not None
+                              and lp.rank <= self.logprobs)
+                tops.append([(t, float(v)) for _, t, v in best[:self.logprobs]])
+        reason = comp.finish_reason if (comp is not None and done) else None
+        if done and reason is None:
+            reason = "abort"
+        return RequestOutput(self.request_id, ids, comp.text if comp is not None else "", values, tops, done,
+                             reason, self.prompt_tokens, self.completion_tokens, self.adapters)
