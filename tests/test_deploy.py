@@ -431,3 +431,12 @@ def test_readme_documents_every_deploy_file():
              and p.name != "README.md"]
     for f in files:
         assert Path(f).name in readme, f"deploy/README.md does not mention {f}"
+
+
+def test_dockerfile_copies_every_package_pyproject_installs():
+    """`pip install .` in the image installs what pyproject's package list names; a package left out of COPY
+    would break every `loraplex` command whose entry point lives there (`loraplex --help` loads them all)."""
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = {a.split()[0].rstrip("/") for i, a in _dockerfile() if i == "COPY"}
+    for pattern in include:
+        assert pattern.rstrip("*") in copied, pattern
