@@ -257,7 +257,8 @@ def test_logprobs_are_raw_model_logprobs_of_the_chosen_token():
     out = _run(Sampler(seed=0), logits, params, output=[[0, 1, 2]] * 4)
     ref = torch.log_softmax(logits.float(), dim=1)
     assert out.logprobs.dtype == torch.float32 and out.logprobs.shape == (4,)
-    torch.testing.assert_close(out.logprobs, ref.gather(1, out.token_ids[:, None])[:, 0])
+    torch.testing.assert_close(out.logprobs[:3], ref.gather(1, out.token_ids[:, None])[:3, 0])
+    assert out.logprobs[3].isnan()  # the last row did not ask
     top = out.top_logprobs
     assert top is not None and [len(t) for t in top] == [0, 5, 20, 0]
     for row, alts in enumerate(top):
@@ -271,6 +272,14 @@ def test_logprobs_are_raw_model_logprobs_of_the_chosen_token():
 def test_no_top_logprobs_unless_asked():
     out = _run(Sampler(seed=0), _logits(2), [SamplingParams()] * 2)
     assert out.top_logprobs is None and out.logprobs.shape == (2,)
+    assert out.logprobs.isnan().all()  # not computed for rows that did not ask
+    logits = _logits(3)
+    out = _run(Sampler(seed=0), logits, [SamplingParams(), SamplingParams(logprobs=2), SamplingParams()])
+    ref = torch.log_softmax(logits.float(), dim=1)
+    assert out.logprobs[[0, 2]].isnan().all()
+    assert out.logprobs[1].item() == pytest.approx(ref[1, out.token_ids[1]].item(), abs=1e-6)
+    assert out.top_logprobs is not None and [len(t) for t in out.top_logprobs] == [0, 2, 0]
+    assert [t for t, _ in out.top_logprobs[1]] == ref[1].topk(2).indices.tolist()
 
 
 # --- a mixed batch ------------------------------------------------------------------------------

@@ -18,8 +18,10 @@ Logprobs are those of the *raw* model distribution: ``log_softmax(logits)`` in f
 penalties, temperature and truncation. This is what OpenAI reports ("the model's logprobs") and
 vLLM V1's default (``logprobs_mode="raw_logprobs"``): the numbers describe the model, not the knobs,
 are finite for every token (truncation would make them ``-inf``) and agree between a greedy and a
-sampled request. ``SampleOutput.logprobs`` is always filled (it costs one logsumexp per row);
-``top_logprobs`` is filled only if some row asked for ``logprobs``.
+sampled request. They are computed only for the rows that asked (``logprobs`` not None; the others
+get NaN): the logsumexp over a 49k vocabulary cost ~6 ms of a ~90 ms step for 32 rows on the 2-core
+dev machine, 7% of throughput for numbers nobody reads. ``top_logprobs`` is filled only if some row
+asked for ``logprobs``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .request import MAX_LOGPROBS, MAX_STOP, SamplingParams  # noqa: F401  (re-e
 @dataclass(slots=True)
 class SampleOutput:
     token_ids: torch.Tensor  # [B] int64
-    logprobs: torch.Tensor  # [B] float32, raw model logprob of token_ids
+    logprobs: torch.Tensor  # [B] float32, raw model logprob of token_ids (NaN where the row did not ask)
     top_logprobs: list[list[tuple[int, float]]] | None  # B lists of (token, logprob), descending
 
 
@@ -121,7 +123,7 @@ class Sampler:
             proc[pen] = apply_penalties(raw[pen], [params[i] for i in pen],
                                         [prompt_token_ids[i] for i in pen],
                                         [output_token_ids[i] for i in pen])
-        tokens = proc.argmax(dim=1)  # [B]; final for greedy rows
+        tokens = proc.max(dim=1).indices  # [B]; final for greedy rows (first maximum, as argmax; 2.6x faster on CPU)
         rnd = [i for i, p in enumerate(params) if not p.greedy]
         if rnd:
             temps = torch.tensor([params[i].temperature for i in rnd], device=dev).unsqueeze(1)
@@ -139,16 +141,19 @@ class Sampler:
                     u[j] = torch.rand(1, device=dev, generator=generators[i])[0]
             target = (u * cdf[:, -1]).unsqueeze(1)  # scaled by the total, which rounding leaves near 1
             tokens[rnd] = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=vocab - 1)
-        lse = raw.logsumexp(dim=1, keepdim=True)  # [B, 1]
-        chosen = (raw.gather(1, tokens.unsqueeze(1)) - lse).squeeze(1)  # [B]
+        chosen = torch.full((batch,), math.nan, dtype=torch.float32, device=dev)  # [B]
         top: list[list[tuple[int, float]]] | None = None
         want = [p.logprobs or 0 for p in params]
-        if any(p.logprobs is not None for p in params):
+        asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if asked:
+            rows = raw if len(asked) == batch else raw[asked]  # [n, V]
+            lse = rows.logsumexp(dim=1, keepdim=True)  # [n, 1]
+            chosen[asked] = (rows.gather(1, tokens[asked].unsqueeze(1)) - lse).squeeze(1)
             top = [[] for _ in params]
             if max(want) > 0:
-                vals, ids = raw.topk(max(want), dim=1)  # [B, k], descending
+                vals, ids = rows.topk(max(want), dim=1)  # [n, k], descending
                 vals = vals - lse
                 vals, ids = vals.tolist(), ids.tolist()
-                for i, k in enumerate(want):
-                    top[i] = list(zip(ids[i][:k], vals[i][:k]))
+                for j, i in enumerate(asked):
+                    top[i] = list(zip(ids[j][:want[i]], vals[j][:want[i]]))
         return SampleOutput(token_ids=tokens, logprobs=chosen, top_logprobs=top)

@@ -194,8 +194,9 @@ class LoraBank:
 
     @staticmethod
     def _add(y: torch.Tensor, d: torch.Tensor, batch: LoraBatch) -> None:
+        d = d.to(y.dtype)  # one cast; a mixed-dtype in-place add would cast y up and back
         if batch.gather is None:
             rows = d.shape[0]
             y[batch.dense_start:batch.dense_start + rows] += d
         else:
-            y.index_add_(0, batch.gather, d.to(y.dtype))
+            y.index_add_(0, batch.gather, d)
