@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from adapters.errors import LoraplexError
 
-from .request import RequestOutput, SamplingParams
+from .request import RequestOutput, SamplingParams, drain
 
 _STATS_EVERY = 0.25  # seconds between stats messages while idle
 
@@ -256,14 +256,9 @@ class EngineProcess:
         finished = False
         try:
             self._send(("add", request_id, prompt, params, list(adapters) or None))
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in drain(queue):
                 finished = item.finished
                 yield item
-                if finished:
-                    return
         finally:
             self._streams.pop(request_id, None)
             if not finished and not self._closed:

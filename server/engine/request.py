@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 _EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
@@ -97,3 +98,15 @@ class RequestOutput:
     adapters: tuple[tuple[str, float], ...]
     error: Exception | None = None
     arrived: float | None = None  # when the API received it (monotonic seconds), for latency metrics
+
+
+async def drain(queue) -> AsyncIterator[RequestOutput]:
+    """One request's outputs from its asyncio queue, as both engine backends fill it: ``RequestOutput``s up to
+    and including the finished one; an exception put on the queue is raised here."""
+    while True:
+        item = await queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finished:
+            return

@@ -27,7 +27,7 @@ from pathlib import Path
 from adapters import AdapterRegistry, BaseModelInfo
 from adapters.errors import ConfigError, EngineError, LoraplexError
 
-from ..engine.request import RequestOutput, SamplingParams
+from ..engine.request import RequestOutput, SamplingParams, drain
 from .catalog import AdapterCatalog
 from .derived import DerivedStore
 from .launch import VllmLaunch
@@ -125,14 +125,9 @@ class VllmBackend:
         task = self._on_loop(self._pump(ids, to_vllm(params), lora, request_id, stream, push))
         finished = False
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in drain(queue):
                 finished = item.finished
                 yield item
-                if finished:
-                    return
         finally:
             if not finished:
                 task.cancel()  # cancels the vLLM-side task: vLLM's generate() aborts the request
