@@ -142,7 +142,7 @@ def cold(fixture: Path, work: Path, env: dict) -> None:
         reg = AdapterRegistry(uri)
         for i in range(4):
             reg.push(fixture / "adapters" / f"a{i}", f"a{i}", base_model=str(fixture / "smollm2"))
-        for k in range(3):
+        for k in range(6):
             folder = write_adapter(work / f"cold{k}", cfg=cfg, r=16, seed=100 + k, base="smollm2-135m-instruct")
             reg.push(folder, f"cold{k}", base_model=str(fixture / "smollm2"))
         env["LORAPLEX_HOME"] = str(work / "home-cold")  # an empty local cache
@@ -151,15 +151,21 @@ def cold(fixture: Path, work: Path, env: dict) -> None:
         try:  # one server for the three probes: each adapter is cold the first time it is asked for
             wait_ready("http://127.0.0.1:18101", proc, 300)
             results = []
-            for k in range(3):
-                out = OUT / f"serve-cold{k}.json"
-                r = loadgen("http://127.0.0.1:18101", "loraplex-cold", None, out,
-                            ["--rate", "2", "--cold-adapter", f"cold{k}", "--cold-window", "5"])
-                results.append(r["cold"])
+            # Background: Poisson arrivals at 2 req/s (cold0-2), or 8 steady streams that run through
+            # the probe (cold3-5; about as many as run at 2 req/s), so that no other request's prefill
+            # lands in the probe's window. Each adapter cold, then again warm (resident now): the
+            # control, what a new request costs the other streams by itself (its prefill, the API).
+            for k in range(6):
+                background = ["--rate", "2"] if k < 3 else ["--cold-streams", "8", "--cold-stream-tokens", "160"]
+                for state in ("cold", "warm"):
+                    out = OUT / f"serve-{state}{k}.json"
+                    r = loadgen("http://127.0.0.1:18101", f"loraplex-{state}", None, out,
+                                background + ["--cold-adapter", f"cold{k}", "--cold-window", "5"])
+                    results.append(dict(r["cold"], state=state, background="poisson" if k < 3 else "steady"))
             (OUT / "serve-cold.json").write_text(json.dumps(results, indent=2))
             for r in results:
-                print(f"cold {r['adapter']}: ttft {r['ttft_ms']:.0f} ms; background ITL p50 "
-                      f"{r['bg_itl_p50_before_ms']:.0f} -> {r['bg_itl_p50_during_ms']:.0f} ms")
+                print(f"{r['background']:>7} {r['state']} {r['adapter']}: ttft {r['ttft_ms']:.0f} ms; background "
+                      f"ITL p50 {r['bg_itl_p50_before_ms']:.0f} -> {r['bg_itl_p50_during_ms']:.0f} ms")
         finally:
             stop(proc)
     finally:

@@ -31,7 +31,7 @@ BENCH = (cmd_bench, "measure loraplex against its peers on this machine", _args_
 
 _SERVE_FLAGS = ("host", "port", "engine", "model", "quantize", "dtype", "device", "api_keys_file", "max_loras",
                 "max_lora_rank", "max_cpu_loras", "max_running", "max_model_len", "max_batched_tokens", "max_queue",
-                "max_tokens", "request_timeout", "tensor_parallel_size", "pipeline_parallel_size", "kv_cache_gib")
+                "max_tokens", "request_timeout", "load_share", "tensor_parallel_size", "pipeline_parallel_size", "kv_cache_gib")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -72,6 +72,8 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
                  "max_queue", "max_tokens"):
         p.add_argument("--" + name.replace("_", "-"), type=int, dest=name)
     p.add_argument("--request-timeout", type=float, help="seconds a request may take")
+    p.add_argument("--load-share", type=float,
+                   help="native engine: share of each step's time given to adapter loads while one runs (default 0.15)")
     p.add_argument("--tensor-parallel-size", type=int, help="vllm engine: GPUs to shard each layer over")
     p.add_argument("--pipeline-parallel-size", type=int, help="vllm engine: GPUs to split the layers over")
     p.add_argument("--kv-cache-gib", type=float, help="vllm engine: KV cache size in GiB (default 4 on CPU, vLLM's own on GPUs)")

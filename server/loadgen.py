@@ -259,9 +259,16 @@ async def cold_probe(a: argparse.Namespace, w: Workload, rate: float) -> dict:
     """Background load on ``w``'s adapters; after ``window`` seconds one request to the cold adapter."""
     client = await _client(a, w)
     window = a.cold_window
-    bg_w = replace(w, duration=max(w.duration or 0.0, 2 * window + 1.0), requests=None)
+    if a.cold_streams:  # steady: N long streams that run through the probe, no arrivals in its window
+        models = list(w.adapters) or [w.base]
+        rng = random.Random(w.seed)
+        background = [Planned(0.05 * i, models[i % len(models)],
+                              f"Stream {i}: " + " ".join(rng.choice(WORDS) for _ in range(w.prompt_words.sample(rng))),
+                              a.cold_stream_tokens) for i in range(a.cold_streams)]
+    else:  # Poisson arrivals at ``rate``, as in a sweep
+        background = plan(replace(w, duration=max(w.duration or 0.0, 2 * window + 1.0), requests=None), rate)
     t0 = time.perf_counter()
-    bg = asyncio.create_task(run_planned(client, plan(bg_w, rate), a.ignore_eos, a.timeout, t0))
+    bg = asyncio.create_task(run_planned(client, background, a.ignore_eos, a.timeout, t0))
     await asyncio.sleep(window)
     mt = w.max_tokens.sample(random.Random(w.seed))
     cold = await _one(client, Planned(window, a.cold_adapter, "Request cold: " + " ".join(WORDS[:20]), mt),
@@ -342,6 +349,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="+", metavar="JSON", help="plot these result files side by side (no load)")
     p.add_argument("--cold-adapter", help="probe: first token of this cold adapter under background load")
     p.add_argument("--cold-window", type=float, default=5.0, help="seconds of background before the probe (5)")
+    p.add_argument("--cold-streams", type=int, default=0,
+                   help="probe background: N steady streams (started together, running through the probe) "
+                        "instead of Poisson arrivals at --rate, so no other request arrives in the probe's window")
+    p.add_argument("--cold-stream-tokens", type=int, default=256, help="max_tokens of each steady stream (256)")
     return p
 
 
@@ -361,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                       "--requests, --duration and --timeout must be positive"),
                      (not 0.0 <= a.base_share <= 1.0, "--base-share must be within [0, 1]"),
                      (not all(0 < r < math.inf for r in rates), "--rate must be positive"),
-                     (a.cold_adapter in adapters, "--cold-adapter must not be one of the background --adapters")]:
+                     (a.cold_adapter in adapters, "--cold-adapter must not be one of the background --adapters"),
+                     (a.cold_streams < 0 or a.cold_stream_tokens < 1, "--cold-streams and --cold-stream-tokens must be positive")]:
         if bad:
             p.error(msg)
     duration = a.duration if a.duration is not None or a.requests else 10.0

@@ -195,3 +195,44 @@ def test_smollm2_mixed_batch_matches_peft(smol_bf16, smol_cache, tmp_path):
     for seq, p, a in zip(seqs, ids, assign):
         assert seq.output_ids == peft_greedy(ref.eval(), p, a, 8), a
     assert all(seq.text for seq in seqs)
+
+
+def test_a_slow_load_gets_a_bounded_share_of_the_loop_at_nice_19(folders):
+    """While an adapter loads, each step yields at most load_share of its time (capped) to the loader
+    thread, which runs at nice 19; the loop never waits for the load itself."""
+    import os
+    import threading
+    import time
+
+    release, seen = threading.Event(), {}
+
+    def slow_loader(name):
+        if name == "slow":
+            seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            release.wait(60)
+            name = "qv4"
+        return LoraWeights.load(folders[name], name)
+
+    model = tiny_llama()
+    engine = Engine(model, model.config, engine_config=EngineConfig(max_loras=4, max_lora_rank=16, max_model_len=128,
+                                                                    load_share=0.5), loader=slow_loader)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    engine.add_request(PROMPTS[0], params, adapters="qv4")
+    engine.adapters.slot_for("qv4")
+    engine.adapters.wait_idle(30)
+    engine.add_request(PROMPTS[1], params, adapters="slow")
+    t = time.perf_counter()
+    for _ in range(5):  # the load blocks until released; the running request keeps decoding
+        engine.step()
+    assert time.perf_counter() - t < 30 and engine.adapters.loading()
+    assert sum(s.num_cached for s in engine.scheduler.running) >= len(PROMPTS[0]) + 4
+    if hasattr(os, "getpriority"):
+        assert seen["nice"] == 19
+    # a yield ends as soon as the load does, not at its timeout
+    threading.Timer(0.2, release.set).start()
+    t = time.perf_counter()
+    engine.adapters.yield_to_loads(30.0)
+    assert time.perf_counter() - t < 20 and not engine.adapters.loading()
+    engine.adapters.yield_to_loads(30.0)  # nothing left to wait for: returns at once
+    with pytest.raises(ValueError, match="load_share"):
+        EngineConfig(load_share=1.0)

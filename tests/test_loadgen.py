@@ -105,6 +105,9 @@ def test_cli_errors(capsys):
     with pytest.raises(SystemExit):
         loadgen.main(["--adapters", "a"])
     assert "--url is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        loadgen.main(["--url", "http://127.0.0.1:9", "--adapters", "a", "--cold-adapter", "b", "--cold-streams", "-1"])
+    assert "--cold-streams and --cold-stream-tokens must be positive" in capsys.readouterr().err
 
 
 # ---- live: the real loraplex server on a tiny model ------------------------------------------------------------
@@ -159,6 +162,18 @@ def test_live_sweep_plot_compare_and_cold_probe(live, tmp_path, capsys):
     print("cold:", json.dumps({k: v for k, v in cold.items() if k != "background"}))
     assert cold["ok"] and cold["ttft_ms"] > 0 and cold["background"]["errors"] == {}
     assert cold["bg_itl_p50_before_ms"] is not None
+
+    # the same adapter again (resident now) with a steady background: three streams that start
+    # together and outlast the probe, so the window holds their decode steps and nothing else
+    steady = tmp_path / "steady.json"
+    opts = ["--url", live.url, "--adapters", "a0,a1,a2", "--max-tokens", "fixed:8", "--ignore-eos", "--cold-adapter",
+            "cold", "--cold-window", "0.2", "--cold-streams", "3", "--cold-stream-tokens", "200", "--json", str(steady)]
+    assert loadgen.main(opts) == 0
+    warm = json.loads(steady.read_text())["cold"]
+    bg = warm["background"]
+    assert warm["ok"] and bg["requests"] == 3 and bg["errors"] == {} and bg["output_tokens"] == 3 * 200
+    print("steady:", json.dumps({k: v for k, v in warm.items() if k != "background"}), bg["itl_p50_ms"])
+    assert warm["bg_itl_p50_before_ms"] is not None and warm["bg_itl_p50_during_ms"] is not None
 
     report_path = tmp_path / "first.json"
     report_path.write_text(json.dumps(report))

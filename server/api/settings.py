@@ -30,6 +30,7 @@ class ServerSettings(BaseSettings):
     max_model_len: int = Field(default=2048, ge=16)
     max_batched_tokens: int = Field(default=1024, ge=16)
     prefill_chunk: int = Field(default=256, ge=16)
+    load_share: float = Field(default=0.15, ge=0, lt=1)  # share of step time yielded to adapter loads
     max_queue: int = Field(default=256, ge=1)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_tokens: int = Field(default=2048, ge=1)

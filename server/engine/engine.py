@@ -7,6 +7,7 @@ append, detokenize, finish. It never waits on I/O: adapter loads run on the mana
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ from .scheduler import SchedulerConfig, Scheduler
 from .sequence import RequestOutput, Sequence, Status
 
 
+_MAX_YIELD = 0.02  # seconds: the most one step yields to adapter loads
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     max_loras: int = 8  # adapters resident in device slots at once
@@ -33,12 +37,17 @@ class EngineConfig:
     max_batched_tokens: int = 512
     prefill_chunk: int = 256
     seed: int | None = None
+    # While an adapter loads, the loop yields this fraction of its step time to the loader (at most
+    # 20 ms a step): the other streams slow by about this much, and a cold adapter is served sooner.
+    load_share: float = 0.15
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "max_running", "max_model_len",
                      "max_batched_tokens", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not 0 <= self.load_share < 1:
+            raise ValueError("load_share must be in [0, 1)")
 
 
 class Engine:
@@ -118,6 +127,13 @@ class Engine:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        outputs = self._step()
+        if self.adapters.loading() and self.scheduler.running:
+            self.adapters.yield_to_loads(min(_MAX_YIELD, self.config.load_share * (time.perf_counter() - start)))
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         outputs = [self._fail(seq, exc) for seq, exc in self.scheduler.failed]
         self.scheduler.failed.clear()

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from .bank import LoraBank
@@ -40,7 +40,7 @@ def _lower_priority() -> None:
     """Loads yield the CPU to the step loop: a loader thread at nice +5 (Linux sets niceness per
     thread), so a cold adapter slows the running streams less."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):
         pass
 
@@ -151,6 +151,17 @@ class AdapterManager:
         for n, info in out.items():
             info["load_seconds"] = self.load_times.get(n)
         return out
+
+    def loading(self) -> bool:
+        """Whether a load is still running (a finished one waits for ``poll`` but needs no CPU)."""
+        return any(not f.done() for f in self._pending.values())
+
+    def yield_to_loads(self, seconds: float) -> None:
+        """Block the step loop up to ``seconds`` (less if a load finishes), cores and GIL free, so a
+        loader at nice 19 gets a bounded share of the machine even when the loop never idles."""
+        running = [f for f in self._pending.values() if not f.done()]
+        if running and seconds > 0:
+            wait(running, timeout=seconds, return_when=FIRST_COMPLETED)
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Block until every pending load finished (tests and warm-up)."""
