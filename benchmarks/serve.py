@@ -71,10 +71,11 @@ def measure(cmd: list[str], env: dict, url: str, ready_timeout: float, label: st
         stop(proc)
 
 
-def loraplex_cmd(registry: str, fixture: Path, port: int) -> list[str]:
+def loraplex_cmd(registry: str, fixture: Path, port: int, max_model_len: int = 512, max_loras: int = 5) -> list[str]:
     return [str(Path(sys.executable).with_name("loraplex")), "serve", "--model", str(fixture / "smollm2"), "--quantize",
-            "none", "--dtype", "bfloat16", "--port", str(port), "--max-loras", "5", "--max-lora-rank", "16",
-            "--max-running", "32", "--max-model-len", "512", "--max-batched-tokens", "1024", "--registry", registry]
+            "none", "--dtype", "bfloat16", "--port", str(port), "--max-loras", str(max_loras), "--max-lora-rank", "16",
+            "--max-running", "32", "--max-model-len", str(max_model_len), "--max-batched-tokens", "1024",
+            "--registry", registry]
 
 
 def main() -> None:
@@ -142,30 +143,39 @@ def cold(fixture: Path, work: Path, env: dict) -> None:
         reg = AdapterRegistry(uri)
         for i in range(4):
             reg.push(fixture / "adapters" / f"a{i}", f"a{i}", base_model=str(fixture / "smollm2"))
-        for k in range(6):
+        for k in range(10):
             folder = write_adapter(work / f"cold{k}", cfg=cfg, r=16, seed=100 + k, base="smollm2-135m-instruct")
             reg.push(folder, f"cold{k}", base_model=str(fixture / "smollm2"))
         env["LORAPLEX_HOME"] = str(work / "home-cold")  # an empty local cache
-        proc = subprocess.Popen(loraplex_cmd(uri, fixture, 18101), env=env, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(loraplex_cmd(uri, fixture, 18101, max_model_len=2048, max_loras=8), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:  # one server for the three probes: each adapter is cold the first time it is asked for
             wait_ready("http://127.0.0.1:18101", proc, 300)
             results = []
-            # Background: Poisson arrivals at 2 req/s (cold0-2), or 8 steady streams that run through
-            # the probe (cold3-5; about as many as run at 2 req/s), so that no other request's prefill
-            # lands in the probe's window. Each adapter cold, then again warm (resident now): the
-            # control, what a new request costs the other streams by itself (its prefill, the API).
-            for k in range(6):
-                background = ["--rate", "2"] if k < 3 else ["--cold-streams", "8", "--cold-stream-tokens", "160"]
-                for state in ("cold", "warm"):
-                    out = OUT / f"serve-{state}{k}.json"
-                    r = loadgen("http://127.0.0.1:18101", f"loraplex-{state}", None, out,
-                                background + ["--cold-adapter", f"cold{k}", "--cold-window", "5"])
-                    results.append(dict(r["cold"], state=state, background="poisson" if k < 3 else "steady"))
-            (OUT / "serve-cold.json").write_text(json.dumps(results, indent=2))
-            for r in results:
-                print(f"{r['background']:>7} {r['state']} {r['adapter']}: ttft {r['ttft_ms']:.0f} ms; background "
-                      f"ITL p50 {r['bg_itl_p50_before_ms']:.0f} -> {r['bg_itl_p50_during_ms']:.0f} ms")
+            # Background: Poisson arrivals at 2 req/s (cold0-3), or 8 steady streams that run through
+            # all the probes (cold4-9; about as many streams as run at 2 req/s), so that no other
+            # request's prefill lands in a probe's window. Each adapter cold, then a window later warm
+            # (resident by then): the control, what a new request costs the other streams by itself.
+            runs = {"poisson": (["--rate", "2"], range(0, 4)),
+                    "steady": (["--cold-streams", "8", "--cold-stream-tokens", "1400"], range(4, 10))}
+            report = {}
+            for kind, (background, ks) in runs.items():
+                out = OUT / f"serve-cold-{kind}.json"
+                r = loadgen("http://127.0.0.1:18101", f"loraplex-cold-{kind}", None, out,
+                            background + ["--cold-adapter", ",".join(f"cold{k}" for k in ks), "--cold-warm",
+                                          "--cold-window", "5"])
+                report[kind] = {k: v for k, v in r["cold"].items() if k != "background"}
+            loads = httpx.get("http://127.0.0.1:18101/v1/adapters", timeout=30).json()  # the engine's own load times
+            report["load_seconds"] = {a["id"]: a["load_seconds"] and round(a["load_seconds"], 3) for a in loads["data"]}
+            (OUT / "serve-cold.json").write_text(json.dumps(report, indent=2))
+            print("load seconds:", report["load_seconds"])
+            for kind in runs:
+                rep = report[kind]
+                for p in rep["probes"]:
+                    print(f"{kind:>7} {p['state']} {p['adapter']}: ttft {p['ttft_ms']} ms; background ITL p50 "
+                          f"{p['bg_itl_p50_before_ms']} -> {p['bg_itl_p50_during_ms']} ms")
+                print(f"{kind:>7}: cold ttft p50 {rep['cold_ttft_p50_ms']:.0f} max {rep['cold_ttft_max_ms']:.0f} ms; "
+                      f"median ITL rise cold {rep['bg_itl_rise_p50_cold']:+.0%}, warm {rep['bg_itl_rise_p50_warm']:+.0%}")
         finally:
             stop(proc)
     finally:

@@ -156,12 +156,14 @@ def test_live_sweep_plot_compare_and_cold_probe(live, tmp_path, capsys):
 
     # the cold probe: background on a0..a2, one request to the never-loaded "cold" adapter
     opts = ["--url", live.url, "--adapters", "a0,a1,a2", "--rate", "4", "--max-tokens", "fixed:8", "--ignore-eos",
-            "--cold-adapter", "cold", "--cold-window", "1", "--label", "cold-run", "--json", str(out)]
+            "--cold-adapter", "cold", "--cold-warm", "--cold-window", "1", "--label", "cold-run", "--json", str(out)]
     assert loadgen.main(opts) == 0
-    cold = json.loads(out.read_text())["cold"]
-    print("cold:", json.dumps({k: v for k, v in cold.items() if k != "background"}))
-    assert cold["ok"] and cold["ttft_ms"] > 0 and cold["background"]["errors"] == {}
-    assert cold["bg_itl_p50_before_ms"] is not None
+    report = json.loads(out.read_text())["cold"]
+    print("cold:", json.dumps({k: v for k, v in report.items() if k != "background"}))
+    cold, warm = report["probes"]
+    assert (cold["adapter"], cold["state"], warm["adapter"], warm["state"]) == ("cold", "cold", "cold", "warm")
+    assert cold["ok"] and warm["ok"] and cold["ttft_ms"] > 0 and report["background"]["errors"] == {}
+    assert cold["bg_itl_p50_before_ms"] is not None and report["cold_ttft_max_ms"] == cold["ttft_ms"]
 
     # the same adapter again (resident now) with a steady background: three streams that start
     # together and outlast the probe, so the window holds their decode steps and nothing else
@@ -169,10 +171,10 @@ def test_live_sweep_plot_compare_and_cold_probe(live, tmp_path, capsys):
     opts = ["--url", live.url, "--adapters", "a0,a1,a2", "--max-tokens", "fixed:8", "--ignore-eos", "--cold-adapter",
             "cold", "--cold-window", "0.2", "--cold-streams", "3", "--cold-stream-tokens", "200", "--json", str(steady)]
     assert loadgen.main(opts) == 0
-    warm = json.loads(steady.read_text())["cold"]
-    bg = warm["background"]
+    report = json.loads(steady.read_text())["cold"]
+    (warm,), bg = report["probes"], report["background"]
     assert warm["ok"] and bg["requests"] == 3 and bg["errors"] == {} and bg["output_tokens"] == 3 * 200
-    print("steady:", json.dumps({k: v for k, v in warm.items() if k != "background"}), bg["itl_p50_ms"])
+    print("steady:", json.dumps(warm), bg["itl_p50_ms"])
     assert warm["bg_itl_p50_before_ms"] is not None and warm["bg_itl_p50_during_ms"] is not None
 
     report_path = tmp_path / "first.json"
