@@ -51,7 +51,8 @@ def _ours(fixture: Path, quantize: str, runs: int, scaling: bool) -> dict:
         return statistics.median(rates)
 
     out = {"base": timed(PROMPTS, None), "mixed": timed(PROMPTS, names),
-           "resident_base_bytes": loaded.resident_bytes(), "slot_bytes": engine.bank.slot_nbytes,
+           "resident_base_bytes": loaded.resident_bytes(), "packed_bytes": engine.decoder.packed_nbytes,
+           "slot_bytes": engine.bank.slot_nbytes,
            "kv_bytes": engine.cache.nbytes}
     if scaling:
         first = LoraWeights.load(adapters[0], "x")
@@ -125,7 +126,8 @@ def table(r: dict) -> str:
         s = ours["scaling"]
         lines.append("scaling, 64 requests x 64 tokens over N distinct adapters (tok/s): "
                      + ", ".join(f"N={k}: {v:.0f}" for k, v in s.items()) + f"; N=64 / N=1 = {s['64'] / s['1']:.2f}")
-    lines.append(f"memory: base bf16 {ours['resident_base_bytes'] / 1e6:.0f} MB, nf4 {nf4['resident_base_bytes'] / 1e6:.0f} MB; "
+    lines.append(f"memory: base bf16 {ours['resident_base_bytes'] / 1e6:.0f} MB (+{ours.get('packed_bytes', 0) / 1e6:.0f} MB "
+                 f"prepacked for oneDNN), nf4 {nf4['resident_base_bytes'] / 1e6:.0f} MB (+{nf4.get('packed_bytes', 0) / 1e6:.0f} MB); "
                  f"one adapter slot (r=16, fp32 factors) {ours['slot_bytes'] / 1e6:.1f} MB; KV cache {ours['kv_bytes'] / 1e6:.0f} MB")
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..engine.kv_cache import KVCache
 from ..lora.bank import GroupKey, LoraBank, LoraBatch
 from ..lora.weights import PROJECTIONS, ModuleKey
+from .linear import PackedLinear
 from .projection import Projection
 
 SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
@@ -56,7 +57,8 @@ class Decoder:
         inner = model.model
         self.embed = inner.embed_tokens
         self.norm = inner.norm
-        self.lm_head = model.lm_head
+        head = model.lm_head
+        self.lm_head = PackedLinear(head.weight, head.bias) if type(head) is torch.nn.Linear else head
         self.layers = list(inner.layers)
         self.dtype, self.device = dtype, device
         self.num_heads = config.num_attention_heads
@@ -76,6 +78,12 @@ class Decoder:
         self._cos = self._sin = torch.empty(0)
         self.max_positions = 0
         self.extend_rope(int(getattr(config, "max_position_embeddings", 2048)))
+
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes of the oneDNN-packed weight copies (beside the dense weights; 0 where nothing packs)."""
+        heads = self.lm_head.nbytes if isinstance(self.lm_head, PackedLinear) else 0
+        return heads + sum(p.dense.nbytes for layer in self.projections for p in layer.values() if p.dense is not None)
 
     def extend_rope(self, n: int) -> None:
         freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=self.device), self._inv_freq)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .linear import PackedLinear
+
 
 class Projection:
     def __init__(self, modules: list[nn.Module]) -> None:
@@ -17,8 +19,12 @@ class Projection:
         self.sizes = [m.out_features for m in modules]
         self.in_features = modules[0].in_features
         self.fused: nn.Linear | None = None
+        self.dense: PackedLinear | None = None  # the plain linear (fused or single), packed for the CPU
         if len(modules) > 1 and all(type(m) is nn.Linear for m in modules):
             self._fuse()
+        if self.fused is not None or (len(modules) == 1 and type(modules[0]) is nn.Linear):
+            lin = self.fused or modules[0]
+            self.dense = PackedLinear(lin.weight, lin.bias)
 
     def _fuse(self) -> None:
         ws = [m.weight for m in self.modules]
@@ -41,8 +47,8 @@ class Projection:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[T, sum(out)] as one tensor when fused, else one [T, out] per member."""
-        if self.fused is not None:
-            return [self.fused(x)]
+        if self.dense is not None:
+            return [self.dense(x)]
         return [m(x) for m in self.modules]
 
     def split(self, ys: list[torch.Tensor]) -> list[torch.Tensor]:

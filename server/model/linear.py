@@ -1,0 +1,44 @@
+"""A dense linear whose weight is laid out once for the CPU's matmul kernels (oneDNN prepacking).
+
+On CPU, ``F.linear`` on a plain bf16/fp16 weight reorders it into oneDNN's blocked layout on every
+call. Packing it once (what PyTorch's inductor does for frozen CPU graphs) gives the same numbers
+faster: measured on the 2-core dev machine (AVX512-BF16, 2026-11-23), bf16, 32 tokens: the 120 base
+linears of SmolLM2-135M 19.8 -> 13.6 ms, its 49k-vocabulary LM head 4.8 -> 1.75 ms, bit-identical
+outputs. Anything else (CUDA, fp32, quantized modules, a build without oneDNN) runs ``F.linear``.
+The packed copy sits beside the dense weight, which the transformers modules keep using.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_PACKABLE = (torch.bfloat16, torch.float16)
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype in _PACKABLE and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class PackedLinear:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight = weight.detach()  # [out, in]
+        self.bias = None if bias is None else bias.detach()  # [out]
+        self.packed: torch.Tensor | None = None  # [out, in] in oneDNN's opaque blocked layout
+        if _can_pack(self.weight):
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)
+            except RuntimeError:  # an op this build cannot run: stay on F.linear
+                self.packed = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed copy (0 when not packed)."""
+        return self.weight.nbytes if self.packed is not None else 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]"""
+        if self.packed is not None and x.dtype == self.weight.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
