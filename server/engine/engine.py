@@ -1,7 +1,8 @@
 """The engine: requests in, tokens out, many adapters per forward pass.
 
 ``step()`` is the whole loop body: schedule, build the batch, run the decoder once, sample,
-append, detokenize, finish. It never waits on I/O: adapter loads run on the manager's thread.
+append, detokenize, finish. It never waits on I/O: adapter loads run on the manager's thread; while
+one runs, a step ends by handing it a bounded share of the machine (``EngineConfig.load_share``).
 """
 
 from __future__ import annotations

@@ -37,8 +37,12 @@ class AdapterStats:
 
 
 def _lower_priority() -> None:
-    """Loads yield the CPU to the step loop: a loader thread at nice +5 (Linux sets niceness per
-    thread), so a cold adapter slows the running streams less."""
+    """Loads never take a core from the step loop: the loader thread runs at nice 19 (Linux sets
+    niceness per thread), so it gets what the loop leaves idle, including the share the loop hands
+    it on purpose (``AdapterManager.yield_to_loads``). Why not a milder nice: the loop's OpenMP
+    threads meet at a barrier after every op, so a loader that preempts one of them for a time slice
+    stalls both (at nice +5 a cold 19 MB adapter raised the other streams' inter-token p50 by a median
+    60% while it loaded; at nice 19 with the yield, 22-25%, 2026-11-23)."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):
