@@ -448,3 +448,15 @@ def test_ls_is_light(folder_cli, make_adapter, base_dir):
         assert out.splitlines()[1].split()[:3] == ["foo", "1", "prod"]
     print(f"\n`loraplex ls --registry <folder>` wall time: median {statistics.median(times) * 1000:.0f} ms "
           f"(runs: {', '.join(f'{t * 1000:.0f}' for t in times)} ms)")
+
+
+@pytest.mark.parametrize("argv, contains", [
+    (["--load-share", "1.5"], "load_share"),
+    (["--load-share", "-0.1"], "load_share"),
+    (["--load-share", "abc"], "--load-share"),
+    (["--max-loras", "0"], "max_loras"),
+])
+def test_serve_rejects_bad_settings_in_one_line(argv, contains, tmp_path):
+    p = subprocess.run([str(LORAPLEX_SCRIPT), "serve", "--port", str(free_port()), *argv], capture_output=True,
+                       text=True, timeout=120, env=base_env(tmp_path))
+    one_line_error(p, contains=contains)
