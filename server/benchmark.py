@@ -37,7 +37,7 @@ def _ours(fixture: Path, quantize: str, runs: int, scaling: bool) -> dict:
     cfg = EngineConfig(max_loras=64 if scaling else len(adapters), max_lora_rank=16, max_cpu_loras=64,
                        max_running=64 if scaling else 32, max_model_len=256, max_batched_tokens=4096, prefill_chunk=1024)
     engine = Engine(loaded.model, loaded.config, loaded.tokenizer, engine_config=cfg,
-                    loader=lambda n: LoraWeights.load(folders[n], n))
+                    loader=lambda n: LoraWeights.load(folders[n], n), owns_model=True)
     sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     names = [adapters[i % len(adapters)].name for i in range(len(PROMPTS))]
 
@@ -51,7 +51,8 @@ def _ours(fixture: Path, quantize: str, runs: int, scaling: bool) -> dict:
         return statistics.median(rates)
 
     out = {"base": timed(PROMPTS, None), "mixed": timed(PROMPTS, names),
-           "resident_base_bytes": loaded.resident_bytes(), "packed_bytes": engine.decoder.packed_nbytes,
+           "resident_base_bytes": loaded.resident_bytes() + engine.decoder.packed_nbytes,
+           "packed_bytes": engine.decoder.packed_nbytes,
            "slot_bytes": engine.bank.slot_nbytes,
            "kv_bytes": engine.cache.nbytes}
     if scaling:
@@ -126,8 +127,8 @@ def table(r: dict) -> str:
         s = ours["scaling"]
         lines.append("scaling, 64 requests x 64 tokens over N distinct adapters (tok/s): "
                      + ", ".join(f"N={k}: {v:.0f}" for k, v in s.items()) + f"; N=64 / N=1 = {s['64'] / s['1']:.2f}")
-    lines.append(f"memory: base bf16 {ours['resident_base_bytes'] / 1e6:.0f} MB (+{ours.get('packed_bytes', 0) / 1e6:.0f} MB "
-                 f"prepacked for oneDNN), nf4 {nf4['resident_base_bytes'] / 1e6:.0f} MB (+{nf4.get('packed_bytes', 0) / 1e6:.0f} MB); "
+    lines.append(f"memory: base bf16 {ours['resident_base_bytes'] / 1e6:.0f} MB (of which {ours.get('packed_bytes', 0) / 1e6:.0f} MB "
+                 f"prepacked for oneDNN), nf4 {nf4['resident_base_bytes'] / 1e6:.0f} MB ({nf4.get('packed_bytes', 0) / 1e6:.0f} MB); "
                  f"one adapter slot (r=16, fp32 factors) {ours['slot_bytes'] / 1e6:.1f} MB; KV cache {ours['kv_bytes'] / 1e6:.0f} MB")
     return "\n".join(lines)
 

@@ -34,3 +34,33 @@ def test_fp32_and_mismatched_inputs_stay_on_f_linear():
     xf = torch.randn(3, 4)  # an fp32 input to a bf16 weight: the dense path raises as F.linear would
     with pytest.raises(RuntimeError):
         half(xf)
+
+
+def test_an_engine_that_owns_its_model_frees_the_dense_weights_and_generates_the_same(tmp_path):
+    from engine_fixtures import make_peft_adapters, tiny_llama
+    from server.engine.engine import Engine, EngineConfig
+    from server.engine.sampling import SamplingParams
+    from server.lora.weights import LoraWeights
+
+    folders = make_peft_adapters(tmp_path / "peft")
+    name = sorted(folders)[0]
+    cfg = EngineConfig(max_loras=2, max_lora_rank=16, max_running=4, max_model_len=64)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[1, 5, 9, 3], [7, 2, 2, 8, 4]]
+
+    def run(owns: bool):
+        model = tiny_llama().to(torch.bfloat16)
+        engine = Engine(model, model.config, engine_config=cfg, loader=lambda n: LoraWeights.load(folders[n], n),
+                        owns_model=owns)
+        return model, engine, [s.output_ids for s in engine.generate(prompts, params, [name, None])]
+
+    kept_model, kept, want = run(False)
+    model, engine, got = run(True)
+    assert got == want
+    attn = model.model.layers[0].self_attn
+    if engine.decoder.packed_nbytes:  # oneDNN present: the packed copies replaced the dense weights
+        assert attn.q_proj.weight.numel() == 0 and model.model.layers[0].mlp.down_proj.weight.numel() == 0
+        assert kept_model.model.layers[0].self_attn.q_proj.weight.numel() > 0  # a non-owning engine leaves them
+        with pytest.raises(RuntimeError):
+            model(torch.tensor([prompts[0]]))  # the transformers model fails loudly, never silently wrong
+        assert model.lm_head.weight.numel() > 0  # tied to the embedding: kept

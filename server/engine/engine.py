@@ -53,12 +53,17 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, model: torch.nn.Module, config, tokenizer=None, *, engine_config: EngineConfig = EngineConfig(),
-                 loader: Loader | None = None, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> None:
+                 loader: Loader | None = None, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                 owns_model: bool = False) -> None:
+        """owns_model: nothing else will call ``model``, so the dense weights that the decoder's packed
+        copies replace are freed (about the size of the base's linears in bf16)."""
         self.config = engine_config
         self.tokenizer = tokenizer
         self.dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.device = device
         self.decoder = Decoder(model, config, self.dtype, device)
+        if owns_model:
+            self.decoder.release_dense()
         if self.decoder.max_positions < engine_config.max_model_len:
             self.decoder.extend_rope(engine_config.max_model_len)
         self.cache = KVCache(CacheShape(len(self.decoder.layers), engine_config.max_running, engine_config.max_model_len,
@@ -243,7 +248,8 @@ def build_engine(spec, engine_config: EngineConfig = EngineConfig(), registry=No
 
     loaded = load_model(spec)
     engine = Engine(loaded.model, loaded.config, loaded.tokenizer, engine_config=engine_config,
-                    loader=AdapterSource(registry, loaded.info), dtype=getattr(torch, spec.dtype), device=spec.device)
+                    loader=AdapterSource(registry, loaded.info), dtype=getattr(torch, spec.dtype), device=spec.device,
+                    owns_model=True)
     return engine, loaded
 
 

@@ -81,9 +81,16 @@ class Decoder:
 
     @property
     def packed_nbytes(self) -> int:
-        """Bytes of the oneDNN-packed weight copies (beside the dense weights; 0 where nothing packs)."""
+        """Bytes of the oneDNN-packed weight copies (0 where nothing packs)."""
         heads = self.lm_head.nbytes if isinstance(self.lm_head, PackedLinear) else 0
         return heads + sum(p.dense.nbytes for layer in self.projections for p in layer.values() if p.dense is not None)
+
+    def release_dense(self) -> None:
+        """Free the dense projection weights whose packed copies replace them (the LM head stays: its
+        weight is the embedding table too)."""
+        for layer in self.projections:
+            for p in layer.values():
+                p.release_dense()
 
     def extend_rope(self, n: int) -> None:
         freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=self.device), self._inv_freq)

@@ -5,7 +5,9 @@ call. Packing it once (what PyTorch's inductor does for frozen CPU graphs) gives
 faster: measured on the 2-core dev machine (AVX512-BF16, 2026-11-23), bf16, 32 tokens: the 120 base
 linears of SmolLM2-135M 19.8 -> 13.6 ms, its 49k-vocabulary LM head 4.8 -> 1.75 ms, bit-identical
 outputs. Anything else (CUDA, fp32, quantized modules, a build without oneDNN) runs ``F.linear``.
-The packed copy sits beside the dense weight, which the transformers modules keep using.
+The packed copy sits beside the dense weight, which the transformers modules keep using, unless the
+engine owns the model (``Engine(owns_model=True)``, as ``build_engine`` and the server do): then the
+dense weights of the packed projections are released and the transformers model is no longer callable.
 """
 
 from __future__ import annotations
@@ -23,22 +25,29 @@ def _can_pack(weight: torch.Tensor) -> bool:
 
 class PackedLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.weight = weight.detach()  # [out, in]
+        self.weight: torch.Tensor | None = weight.detach()  # [out, in]; None once released
         self.bias = None if bias is None else bias.detach()  # [out]
+        self.dtype = weight.dtype
         self.packed: torch.Tensor | None = None  # [out, in] in oneDNN's opaque blocked layout
+        self.nbytes = 0  # bytes of the packed copy (0 when not packed)
         if _can_pack(self.weight):
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)
+                self.nbytes = weight.nbytes
             except RuntimeError:  # an op this build cannot run: stay on F.linear
                 self.packed = None
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the packed copy (0 when not packed)."""
-        return self.weight.nbytes if self.packed is not None else 0
+    def release_dense(self) -> bool:
+        """Drop this object's reference to the dense weight when the packed copy replaces it."""
+        if self.packed is None:
+            return False
+        self.weight = None
+        return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]"""
-        if self.packed is not None and x.dtype == self.weight.dtype:
+        if self.packed is not None and x.dtype == self.dtype:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.weight is None:
+            raise ValueError(f"input of dtype {x.dtype} for a linear packed as {self.dtype}")
         return F.linear(x, self.weight, self.bias)

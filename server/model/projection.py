@@ -22,9 +22,20 @@ class Projection:
         self.dense: PackedLinear | None = None  # the plain linear (fused or single), packed for the CPU
         if len(modules) > 1 and all(type(m) is nn.Linear for m in modules):
             self._fuse()
+        self.one_output = self.fused is not None  # __call__ gives one [T, sum(out)] tensor for several members
         if self.fused is not None or (len(modules) == 1 and type(modules[0]) is nn.Linear):
             lin = self.fused or modules[0]
             self.dense = PackedLinear(lin.weight, lin.bias)
+
+    def release_dense(self) -> None:
+        """Free the dense weights the packed copy replaces: the members' weights become empty, so the
+        transformers modules fail loudly if called (shape mismatch) instead of computing with stale data."""
+        if self.dense is None or not self.dense.release_dense():
+            return
+        for m in self.modules:
+            m.weight = nn.Parameter(torch.empty(0, dtype=self.dense.dtype, device=self.dense.packed.device),
+                                    requires_grad=False)
+        self.fused = None
 
     def _fuse(self) -> None:
         ws = [m.weight for m in self.modules]
@@ -52,4 +63,4 @@ class Projection:
         return [m(x) for m in self.modules]
 
     def split(self, ys: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(ys[0].split(self.sizes, dim=-1)) if self.fused is not None else ys
+        return list(ys[0].split(self.sizes, dim=-1)) if self.one_output else ys
