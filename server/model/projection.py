@@ -1,7 +1,8 @@
 """Linears that read the same input (q/k/v; gate/up), run as one matmul when they can be.
 
 Plain ``nn.Linear`` members are fused into one weight ``[sum(out), in]``; the members' own weights
-become views of it, so nothing is stored twice and the transformers model stays usable.
+become views of it, so nothing is stored twice and the transformers model stays usable (until
+``release_dense``, for an engine that owns its model and runs the oneDNN-packed copy instead).
 Quantized members (bitsandbytes) are run one by one.
 """
 
