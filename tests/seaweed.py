@@ -67,6 +67,9 @@ class SeaweedServer:
         ports = [f"-{name}={self.port + i}" for i, name in enumerate(PORT_NAMES)]
         cmd = [binary, "mini", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                "-master.telemetry=false", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               # a fixed volume count: the default (free disk / 128 MB) ran out at ~27 buckets (7 volumes
+               # each) on a machine with 26 GB free, failing S3 writes with InternalError mid-suite
+               "-volume.max=4000",
                *ports, f"-s3.config={self.dir / 'identities.json'}", "-s3.autoCreateBucket=false",
                f"-s3.localSocket={self.dir / 's3.sock'}", f"-filer.localSocket={self.dir / 'filer.sock'}"]
         self.log = (self.dir / "weed.log").open("wb")
