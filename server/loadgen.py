@@ -132,6 +132,11 @@ def popularity_weights(n: int, popularity: str = "uniform", s: float = 1.0) -> l
     return [w / total for w in raw]
 
 
+def _words(w: Workload, rng: random.Random) -> str:
+    """A prompt body: the workload's number of words, drawn from WORDS."""
+    return " ".join(rng.choice(WORDS) for _ in range(w.prompt_words.sample(rng)))
+
+
 def plan(w: Workload, rate: float, seed: int | None = None) -> list[Planned]:
     rng = random.Random(w.seed if seed is None else seed)
     times = arrival_schedule(rate, w.duration, w.requests, rng)
@@ -140,8 +145,7 @@ def plan(w: Workload, rate: float, seed: int | None = None) -> list[Planned]:
     for i, at in enumerate(times):
         use_base = w.base is not None and (not w.adapters or rng.random() < w.base_share)
         model = w.base if use_base else rng.choices(w.adapters, weights)[0]
-        words = " ".join(rng.choice(WORDS) for _ in range(w.prompt_words.sample(rng)))
-        out.append(Planned(at, model, f"Request {i}: {words}", w.max_tokens.sample(rng)))
+        out.append(Planned(at, model, f"Request {i}: {_words(w, rng)}", w.max_tokens.sample(rng)))
     return out
 
 
@@ -268,9 +272,8 @@ async def cold_probe(a: argparse.Namespace, w: Workload, rate: float) -> dict:
     if a.cold_streams:  # steady: N long streams that run through the probes, no arrivals in their windows
         models = list(w.adapters) or [w.base]
         rng = random.Random(w.seed)
-        background = [Planned(0.05 * i, models[i % len(models)],
-                              f"Stream {i}: " + " ".join(rng.choice(WORDS) for _ in range(w.prompt_words.sample(rng))),
-                              a.cold_stream_tokens) for i in range(a.cold_streams)]
+        background = [Planned(0.05 * i, models[i % len(models)], f"Stream {i}: {_words(w, rng)}", a.cold_stream_tokens)
+                      for i in range(a.cold_streams)]
     else:  # Poisson arrivals at ``rate``, as in a sweep
         background = plan(replace(w, duration=max(w.duration or 0.0, span), requests=None), rate)
     t0 = time.perf_counter()
