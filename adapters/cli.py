@@ -1,8 +1,6 @@
-"""The ``loraplex`` command: a table of subcommands, each a plain function of parsed arguments.
-
-Every failure a user can cause ends in one line on stderr (``loraplex: error: ...``) and a
-non-zero exit: 1 for a refused operation, 2 for bad usage. ``--json`` prints machine-readable
-results on stdout.
+"""The registry's ``loraplex`` subcommands (push, ls, show, pull, tag, rollback, rm, route): a table of plain
+functions of parsed arguments, which ``loraplex.cli`` puts under one parser. Torch-free: they run on the bare
+install (``pip install loraplex``). ``--json`` prints machine-readable results on stdout.
 """
 
 from __future__ import annotations
@@ -16,14 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import LoraplexError
-
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not argparse's usage block
-        self.exit(2, f"loraplex: error: {message} (see {self.prog} --help)\n")
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -302,56 +293,3 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable]] =
     "rm": (cmd_rm, "remove a version (refused while an alias points at it)", _args_rm),
     "route": (cmd_route, "set, show or delete an A/B route: a name split over pinned adapter versions", _args_route),
 }
-
-
-def _plugin_commands() -> dict:
-    """Commands other packages of loraplex add (serve, bench, train) via the entry point group
-    ``loraplex.commands``: each names a (function, help, argument adder) tuple."""
-    from importlib.metadata import entry_points
-
-    return {ep.name: ep for ep in entry_points(group="loraplex.commands")}
-
-
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog="loraplex", description="loraplex: serve many LoRA adapters on one base model.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--registry", help="registry URI: file:///path or s3://bucket/prefix (env LORAPLEX_REGISTRY)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    commands = dict(COMMANDS)
-    plugins = _plugin_commands()
-    wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
-    for name, ep in plugins.items():  # load only the plugin that runs, or all of them for --help
-        if name not in commands and (wanted is None or wanted == name):
-            commands[name] = ep.load()
-    for name, (fn, help_, add) in commands.items():
-        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
-        add(p)
-        p.set_defaults(fn=fn)
-    for name in plugins:
-        if name not in commands:
-            sub.add_parser(name, help="(see loraplex %s --help)" % name)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if not getattr(args, "fn", None):
-        parser.print_help()
-        return 0 if not argv else 2
-    try:
-        return args.fn(args)
-    except LoraplexError as exc:
-        print(f"loraplex: error: {exc.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("loraplex: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

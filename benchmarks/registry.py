@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from adapter_factory import write_adapter  # noqa: E402
 from seaweed import SeaweedServer  # noqa: E402
 
-from adapters import AdapterCache, AdapterRegistry  # noqa: E402
-from adapters.basemodel import SMOLLM2_135M  # noqa: E402
+from loraplex.adapters import AdapterCache, AdapterRegistry  # noqa: E402
+from loraplex.adapters.basemodel import SMOLLM2_135M  # noqa: E402
 
 CFG = {k: getattr(SMOLLM2_135M, k) for k in (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")}

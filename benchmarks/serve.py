@@ -92,7 +92,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="loraplex-serve-bench-"))
     env = dict(os.environ, LORAPLEX_HOME=str(work / "home"))
-    from adapters import AdapterRegistry
+    from loraplex.adapters import AdapterRegistry
 
     reg_uri = (work / "registry").as_uri()
     reg = AdapterRegistry(reg_uri)
@@ -129,8 +129,8 @@ def cold(fixture: Path, work: Path, env: dict) -> None:
     from adapter_factory import write_adapter
     from seaweed import SeaweedServer
 
-    from adapters import AdapterRegistry
-    from adapters.basemodel import SMOLLM2_135M
+    from loraplex.adapters import AdapterRegistry
+    from loraplex.adapters.basemodel import SMOLLM2_135M
 
     cfg = {k: getattr(SMOLLM2_135M, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                  "num_attention_heads", "num_key_value_heads", "vocab_size")}

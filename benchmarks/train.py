@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 DATA = ROOT / "examples" / "triage"
 FORMAT = re.compile(r"TRIAGE\[(billing|shipping|account|technical)\|(high|low)\]")
 
@@ -41,7 +40,7 @@ def probe_callback(tokenizer, every: int, log: list, stop_when_learned: bool = T
     import torch
     from transformers import TrainerCallback
 
-    from trainer.recipe import keep_trainable_4bit_path
+    from loraplex.trainer.recipe import keep_trainable_4bit_path
 
     rows = heldout()
     prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in rows]
@@ -91,7 +90,7 @@ def run_peer(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from server.model.loader import ModelSpec, convert_embedded
+    from loraplex.server.model.loader import ModelSpec, convert_embedded
 
     folder = convert_embedded(ModelSpec().cache_dir)
     tok = AutoTokenizer.from_pretrained(folder)
@@ -112,8 +111,8 @@ def run_peer(args) -> dict:
 
 
 def run_loraplex(args) -> dict:
-    from trainer.config import load_config
-    from trainer.recipe import train
+    from loraplex.trainer.config import load_config
+    from loraplex.trainer.recipe import train
 
     overrides = [f"output_dir={args.workdir / 'loraplex'}", *args.set]
     if args.fixed_steps:
@@ -122,7 +121,7 @@ def run_loraplex(args) -> dict:
     log: list = []
     from transformers import AutoTokenizer
 
-    from server.model.loader import ModelSpec, convert_embedded
+    from loraplex.server.model.loader import ModelSpec, convert_embedded
 
     tok = AutoTokenizer.from_pretrained(convert_embedded(ModelSpec().cache_dir))
     probe = probe_callback(tok, args.probe_every, log)

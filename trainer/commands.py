@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def _registry(args):
-    from adapters.cli import _registry as registry
+    from loraplex.adapters.cli import _registry as registry
 
     return registry(args)
 
@@ -21,7 +21,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg, base = load_config(args.config, args.overrides)  # bad config or override: one line, before anything loads
     if args.push:
-        from adapters.reference import check_alias, check_name
+        from loraplex.adapters.reference import check_alias, check_name
 
         check_name(args.push)
         if args.alias:
@@ -29,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         registry = _registry(args)  # an unreachable registry fails now, not after training
         registry.names()
     elif args.alias:
-        from adapters.errors import LoraplexError
+        from loraplex.adapters.errors import LoraplexError
 
         raise LoraplexError("--alias needs --push NAME")
     from .recipe import train
@@ -64,7 +64,7 @@ def _args_train(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from adapters.reference import AdapterRef
+    from loraplex.adapters.reference import AdapterRef
 
     from .evaluation import BASE, evaluate
 

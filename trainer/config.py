@@ -13,10 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from adapters.errors import LoraplexError
+from loraplex.adapters.errors import LoraplexError
 
 
-class ConfigError(LoraplexError):
+class TrainConfigError(LoraplexError):
     """A training config or override that cannot be used."""
 
 
@@ -89,7 +89,7 @@ class TrainConfig(_Section):
 def _parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {item!r} is not key=value (e.g. train.max_steps=50)")
+        raise TrainConfigError(f"override {item!r} is not key=value (e.g. train.max_steps=50)")
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
@@ -102,18 +102,18 @@ def _set(tree: dict, path: list[str], value: Any, item: str) -> None:
     for part in path[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
+            raise TrainConfigError(f"override {item!r}: {part} is not a section")
         node = child
     node[path[-1]] = value
 
 
-def _first_error(exc: ValidationError, source: str) -> ConfigError:
+def _first_error(exc: ValidationError, source: str) -> TrainConfigError:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
-    return ConfigError(f"{source}: {where}: {msg}")
+    return TrainConfigError(f"{source}: {where}: {msg}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[TrainConfig, Path]:
@@ -128,15 +128,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Tra
         try:
             text = p.read_text()
         except OSError as exc:
-            raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
+            raise TrainConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}:{where} not valid YAML") from None
+            raise TrainConfigError(f"{p}:{where} not valid YAML") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of keys")
+            raise TrainConfigError(f"{p}: the top level must be a mapping of keys")
         tree = loaded or {}
         base = p.resolve().parent
     for item in overrides:

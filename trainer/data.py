@@ -20,14 +20,14 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError
+from .config import TrainConfigError
 
 ROLES = ("system", "user", "assistant")
 MAX_LINE_BYTES = 1 << 20  # one row; a longer line is refused rather than read into memory whole
 IGNORE = -100  # label of tokens without a loss (PyTorch's cross-entropy ignore_index)
 
 
-class DataError(ConfigError):
+class DataError(TrainConfigError):
     """A dataset file or row that cannot be used."""
 
 

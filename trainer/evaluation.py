@@ -75,7 +75,7 @@ def evaluate(refs: list[str], data: Path, registry, *, model: str = "smollm2-135
     import torch
     from peft import PeftModel
 
-    from server.model.loader import ModelSpec, load_model
+    from loraplex.server.model.loader import ModelSpec, load_model
 
     rows, _ = read_rows(data)
     if not rows:

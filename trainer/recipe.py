@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, resolve
+from .config import TrainConfig, TrainConfigError, resolve
 from .data import DataError, DataFile, Example, Row, encode_all, read_files, split
 
 ADAPTER_DIR = "adapter"
@@ -171,15 +171,15 @@ def train(cfg: TrainConfig, base_dir: Path, *, resume: bool = False, progress: b
           callbacks: list | None = None) -> TrainResult:
     import torch
 
-    from server.model.loader import ModelSpec, load_model
+    from loraplex.server.model.loader import ModelSpec, load_model
 
     out = resolve(base_dir, cfg.output_dir)
     ckpt_dir = out / CHECKPOINTS_DIR
     checkpoint = last_checkpoint(ckpt_dir) if resume else None
     if resume and checkpoint is None:
-        raise ConfigError(f"nothing to resume: no complete checkpoint in {ckpt_dir}")
+        raise TrainConfigError(f"nothing to resume: no complete checkpoint in {ckpt_dir}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda asked for, but torch sees no CUDA device")
+        raise TrainConfigError("device cuda asked for, but torch sees no CUDA device")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dtype = _compute_dtype(cfg)
@@ -198,7 +198,7 @@ def train(cfg: TrainConfig, base_dir: Path, *, resume: bool = False, progress: b
         set_4bit_compute_dtype(loaded.model, getattr(torch, dtype))
     tokenizer = loaded.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"base model {cfg.model} has no tokenizer with a chat template to format the rows")
+        raise TrainConfigError(f"base model {cfg.model} has no tokenizer with a chat template to format the rows")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_ex, eval_ex, data_info = prepare(cfg, base_dir, tokenizer, rows)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from adapters.errors import ConfigError, LoraplexError
+from loraplex.adapters.errors import ConfigError, LoraplexError
 
 INFERENCE = "inference"
 ADMIN = "admin"

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.errors import LoraplexError, NotFoundError
+from loraplex.adapters.errors import LoraplexError, NotFoundError
 
 log = logging.getLogger("loraplex.api")
 

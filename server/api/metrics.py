@@ -264,4 +264,4 @@ class RequestTimer:
 
 
 # Reading an exposition back (loraplex route show) lives in adapters.armstats.
-from adapters.armstats import per_arm, quantile  # noqa: E402,F401  (re-exported)
+from loraplex.adapters.armstats import per_arm, quantile  # noqa: E402,F401  (re-exported)

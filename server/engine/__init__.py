@@ -1,1 +1,1 @@
-"""The generation engine: requests, scheduler, sampler, KV cache, step loop."""
+"""The generation engine: requests, scheduler (it hands out the KV cache's slots), sampler, step loop."""

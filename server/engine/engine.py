@@ -18,8 +18,8 @@ from ..lora.bank import LoraBank
 from ..lora.manager import AdapterManager, Loader
 from ..lora.weights import LoraWeights
 from ..model.decoder import Decoder
+from ..model.kv_cache import CacheShape, KVCache
 from .batch import Work, build_step
-from .kv_cache import CacheShape, KVCache
 from .sampling import Sampler, SamplingParams, make_generator
 from .scheduler import SchedulerConfig, Scheduler
 from .sequence import RequestOutput, Sequence, Status

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from adapters.errors import LoraplexError
+from loraplex.adapters.errors import LoraplexError
 
 from .request import RequestOutput, SamplingParams, drain
 
@@ -48,7 +48,7 @@ def _safe_error(exc: BaseException) -> Exception:
 
 
 def _engine_main(conn, launch: EngineLaunch) -> None:  # runs in the child process
-    from adapters import AdapterCache, AdapterRegistry
+    from loraplex.adapters import AdapterCache, AdapterRegistry
 
     from .engine import build_engine
 

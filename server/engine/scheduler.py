@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..lora.manager import AdapterManager
-from .kv_cache import KVCache
+from ..model.kv_cache import KVCache
 from .sequence import Sequence, Status
 
 

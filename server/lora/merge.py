@@ -44,7 +44,7 @@ from typing import Callable, ClassVar, Literal
 
 import torch
 
-from adapters.errors import InvalidAdapterError
+from loraplex.adapters.errors import InvalidAdapterError
 
 from .weights import PROJECTIONS, LoraModule, LoraWeights, ModuleKey
 

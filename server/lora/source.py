@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from adapters import AdapterRegistry, BaseModelInfo, validate_adapter
-from adapters.errors import NotFoundError
+from loraplex.adapters import AdapterRegistry, BaseModelInfo, validate_adapter
+from loraplex.adapters.errors import NotFoundError
 
 from .weights import LoraWeights
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from adapters.errors import InvalidAdapterError
-from adapters.spec import CONFIG_FILE, WEIGHTS_FILE, parse_config, pattern_value, Limits
+from loraplex.adapters.errors import InvalidAdapterError
+from loraplex.adapters.spec import CONFIG_FILE, WEIGHTS_FILE, parse_config, pattern_value, Limits
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.*?layers\.(?P<layer>\d+)\.(?:[a-z_]+\.)?(?P<proj>[a-z_]+))\.lora_(?P<ab>[AB])\.weight$")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..engine.kv_cache import KVCache
+from .kv_cache import KVCache
 from ..lora.bank import GroupKey, LoraBank, LoraBatch
 from ..lora.weights import PROJECTIONS, ModuleKey
 from .linear import PackedLinear

@@ -4,7 +4,8 @@ On CPU, ``F.linear`` on a plain bf16/fp16 weight reorders it into oneDNN's block
 call. Packing it once (what PyTorch's inductor does for frozen CPU graphs) gives the same numbers
 faster: measured on the 2-core dev machine (AVX512-BF16, 2026-11-23), bf16, 32 tokens: the 120 base
 linears of SmolLM2-135M 19.8 -> 13.6 ms, its 49k-vocabulary LM head 4.8 -> 1.75 ms, bit-identical
-outputs. Anything else (CUDA, fp32, quantized modules, a build without oneDNN) runs ``F.linear``.
+outputs. Anything else (CUDA, fp32, quantized modules, a build without oneDNN, a CPU without AVX-512 or
+AVX-NE-CONVERT, where oneDNN refuses to pack) runs ``F.linear``.
 The packed copy sits beside the dense weight, which the transformers modules keep using, unless the
 engine owns the model (``Engine(owns_model=True)``, as ``build_engine`` and the server do): then the
 dense weights of the packed projections are released and the transformers model is no longer callable.
@@ -18,9 +19,20 @@ import torch.nn.functional as F
 _PACKABLE = (torch.bfloat16, torch.float16)
 
 
+def cpu_packs(dtype: torch.dtype) -> bool:
+    """Whether this CPU and build can prepack ``dtype`` weights. oneDNN needs AVX-512 (BW/VL/DQ for bf16, FP16 for
+    fp16) or AVX-NE-CONVERT; on an AVX2-only CPU (e.g. AMD EPYC) it refuses both and F.linear runs instead."""
+    if dtype not in _PACKABLE or not torch.backends.mkldnn.is_available():
+        return False
+    mkldnn = torch.ops.mkldnn
+    if not (hasattr(mkldnn, "_reorder_linear_weight") and hasattr(mkldnn, "_linear_pointwise")):
+        return False
+    check = mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported
+    return bool(check())
+
+
 def _can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype in _PACKABLE and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return weight.device.type == "cpu" and cpu_packs(weight.dtype)
 
 
 class PackedLinear:

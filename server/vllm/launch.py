@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.errors import ConfigError
+from loraplex.adapters.errors import ConfigError
 
 # vllm.config.lora.MaxLoRARanks in vLLM 0.32: the ranks its LoRA kernels are built for.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -2,8 +2,10 @@
 
 vLLM reports, after each engine step, the scheduler's running and waiting requests, the KV cache's
 usage (a fraction of its blocks), the running adapters by name, and the step's prompt and generated
-tokens; when the last request leaves (finished or aborted) it records zeros once more. That is what ``EngineStats`` holds; loraplex's adapter-cache counters (hits, misses, loads,
-evictions) have no vLLM counterpart and stay unknown (None), never guessed.
+tokens; when the last request leaves (finished or aborted) it records zeros once more. That is what
+``VllmStats`` holds (the native engine's counterpart is ``loraplex.server.engine.async_engine.EngineStats``);
+loraplex's adapter-cache counters (hits, misses, loads, evictions) have no vLLM counterpart and stay unknown
+(None), never guessed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class EngineStats:
+class VllmStats:
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use
@@ -34,7 +36,7 @@ class EngineStats:
                 self.batch_tokens = iteration_stats.num_generation_tokens + iteration_stats.num_prompt_tokens
 
 
-def stat_logger(sink: EngineStats):
+def stat_logger(sink: VllmStats):
     """A vLLM stat-logger factory (``AsyncLLM(stat_loggers=[...])``) that records into ``sink``."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 

@@ -1,0 +1,36 @@
+"""``GET /health`` (the process answers), ``GET /ready`` (the base model is loaded and served) and
+``GET /metrics`` (Prometheus text: request metrics, engine gauges, adapter cache counters). None of
+them needs an API key."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+
+from .state import ApiState, api_state
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(st: ApiState = Depends(api_state)):
+    return {"status": "ready", "model": st.resolver.base_id}
+
+
+@router.get("/metrics")
+async def metrics_endpoint(st: ApiState = Depends(api_state)):
+    metrics = st.metrics
+    s = st.backend.stats()
+    metrics.set_engine(s)
+    if s.get("cache_hits") is not None:  # an engine that cannot tell (vLLM) leaves the counters unset
+        metrics.update_adapter_cache(SimpleNamespace(hits=s["cache_hits"], misses=s["cache_misses"], loads=s["loads"],
+                                                     evictions=s["evictions"], load_seconds=s["load_seconds"]))
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)

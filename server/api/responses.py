@@ -1,0 +1,133 @@
+"""OpenAI response bodies and server-sent-event framing, made here and nowhere else.
+
+Whole bodies (``chat.completion``, ``text_completion``), the chunks of a stream (``ChatChunks``,
+``CompletionChunks``: the same shapes piece by piece), logprobs in each endpoint's shape, ``usage``,
+the SSE frame and the error event a stream ends with when generation fails after the 200 went out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from ..engine.request import RequestOutput
+from . import errors
+from .resolver import Served
+
+DONE = b"data: [DONE]\n\n"  # the last SSE event of every stream
+
+TokenText = Callable[[int], str]  # the backend's token_text: token id -> its text
+
+
+def sse(obj: dict) -> bytes:
+    """One SSE event carrying ``obj`` as compact JSON."""
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+def error_body(exc: Exception) -> dict:
+    """The OpenAI error envelope of ``exc``, as a dict (for an SSE error event)."""
+    return json.loads(errors.from_exception(exc).body)
+
+
+def headers(served: Served) -> dict[str, str]:
+    """Response headers naming what served the request."""
+    return {"x-loraplex-adapter": served.display}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def usage_of(out: RequestOutput) -> dict:
+    """Usage from a request's last output (it carries the totals)."""
+    return usage(out.prompt_tokens, out.completion_tokens)
+
+
+# ---- logprobs --------------------------------------------------------------------------------------------
+def chat_logprobs(outs: list[RequestOutput], tok: TokenText) -> list[dict]:
+    """Chat's ``logprobs.content``: one entry per token, with its top alternatives."""
+    items = []
+    for o in outs:
+        tops = o.new_top_logprobs or [[] for _ in o.new_token_ids]
+        for tid, lp, top in zip(o.new_token_ids, o.new_logprobs, tops):
+            name = tok(tid)
+            items.append({"token": name, "logprob": lp, "bytes": list(name.encode()),
+                          "top_logprobs": [{"token": tok(t), "logprob": v, "bytes": list(tok(t).encode())}
+                                           for t, v in top]})
+    return items
+
+
+def completion_logprobs(outs: list[RequestOutput], tok: TokenText) -> dict:
+    """The legacy completions ``logprobs``: parallel lists of tokens, logprobs and top alternatives."""
+    tokens, lps, tops = [], [], []
+    for o in outs:
+        for j, (tid, lp) in enumerate(zip(o.new_token_ids, o.new_logprobs)):
+            tokens.append(tok(tid))
+            lps.append(lp)
+            top = (o.new_top_logprobs or [[]] * len(o.new_token_ids))[j]
+            tops.append({tok(t): v for t, v in top} if top else None)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": None}
+
+
+# ---- whole bodies ----------------------------------------------------------------------------------------
+def chat_body(rid: str, created: int, served: Served, outs: list[RequestOutput], tok: TokenText | None) -> dict:
+    """A ``chat.completion`` from a finished request's outputs; ``tok`` given: with logprobs."""
+    last = outs[-1]
+    choice = {"index": 0, "message": {"role": "assistant", "content": "".join(o.new_text for o in outs)},
+              "logprobs": {"content": chat_logprobs(outs, tok)} if tok is not None else None,
+              "finish_reason": last.finish_reason}
+    return {"id": rid, "object": "chat.completion", "created": created, "model": served.display,
+            "choices": [choice], "usage": usage_of(last)}
+
+
+def completion_body(rid: str, created: int, served: Served, results: list[list[RequestOutput]],
+                    tok: TokenText | None) -> dict:
+    """A ``text_completion`` with one choice per prompt; ``tok`` given: with logprobs."""
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for i, outs in enumerate(results):
+        last = outs[-1]
+        prompt_tokens += last.prompt_tokens
+        completion_tokens += last.completion_tokens
+        choices.append({"index": i, "text": "".join(o.new_text for o in outs),
+                        "logprobs": completion_logprobs(outs, tok) if tok is not None else None,
+                        "finish_reason": last.finish_reason})
+    return {"id": rid, "object": "text_completion", "created": created, "model": served.display,
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+# ---- stream chunks ---------------------------------------------------------------------------------------
+class ChatChunks:
+    """The ``chat.completion.chunk`` events of one stream: a role head, one per piece, usage."""
+
+    def __init__(self, rid: str, created: int, served: Served, tok: TokenText | None) -> None:
+        self.base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.display}
+        self.tok = tok  # set when the request asked for logprobs
+
+    def head(self) -> dict | None:
+        return {**self.base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]}
+
+    def piece(self, out: RequestOutput) -> dict:
+        choice = {"index": 0, "delta": {"content": out.new_text} if out.new_text or not out.finished else {},
+                  "logprobs": {"content": chat_logprobs([out], self.tok)} if self.tok is not None else None,
+                  "finish_reason": out.finish_reason if out.finished else None}
+        return {**self.base, "choices": [choice]}
+
+    def usage(self, last: RequestOutput) -> dict:
+        return {**self.base, "choices": [], "usage": usage_of(last)}
+
+
+class CompletionChunks(ChatChunks):
+    """The ``text_completion`` events of one stream: one per piece, usage; no head."""
+
+    def __init__(self, rid: str, created: int, served: Served) -> None:
+        self.base = {"id": rid, "object": "text_completion", "created": created, "model": served.display}
+        self.tok = None
+
+    def head(self) -> dict | None:
+        return None
+
+    def piece(self, out: RequestOutput) -> dict:
+        return {**self.base, "choices": [{"index": 0, "text": out.new_text, "logprobs": None,
+                                          "finish_reason": out.finish_reason if out.finished else None}]}

@@ -1,0 +1,56 @@
+"""What every route of one app shares: the engine backend, the resolver, the keys, the metrics, the
+request limits and the admission queue, kept on ``app.state`` and handed to routes by FastAPI's
+``Depends(api_state)``; no route reaches them through a closure or a global."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+
+from .admission import Admission
+from .auth import KeyStore, Principal
+from .backend import EngineBackend
+from .metrics import Metrics
+from .resolver import Resolver, Served
+
+__all__ = ["ApiState", "RequestLimits", "api_state"]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What one HTTP request may ask of the server (not an adapter's limits: see ``adapters.spec.Limits``)."""
+
+    max_body_bytes: int = 1 << 20  # bytes of a request body, else 413
+    max_tokens: int = 4096  # cap on a request's max_tokens
+    max_queue: int = 256  # waiting requests before 429
+    request_timeout: float = 600.0  # seconds for a whole request
+
+
+@dataclass(frozen=True, slots=True)
+class ApiState:
+    """The per-app state the routes read; built once by ``create_app``."""
+
+    backend: EngineBackend  # the engine the requests run on
+    resolver: Resolver  # request ``model``/``adapters`` -> pinned adapters
+    keys: KeyStore  # API keys, scopes and tenant patterns
+    metrics: Metrics  # Prometheus counters and histograms
+    limits: RequestLimits
+    admission: Admission  # the bounded queue in front of the engine
+
+    def principal(self, request: Request, scope: str) -> Principal:
+        """Who the request acts as; 401 without a valid key, 403 without ``scope``."""
+        p = self.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        p.require(scope)
+        return p
+
+    async def resolve(self, req, user: str | None, who: Principal) -> Served:
+        """The request body's ``model`` (or ``adapters``/``merge``) to pinned adapters, off the event loop
+        (registry reads may block)."""
+        return await run_in_threadpool(self.resolver.resolve, req, user, who, add_merge=self.backend.add_merge)
+
+
+def api_state(request: Request) -> ApiState:
+    """The FastAPI dependency: ``st: ApiState = Depends(api_state)``."""
+    return request.app.state.api

@@ -1,0 +1,343 @@
+"""The OpenAI-compatible server, live, through the official openai client (streaming included)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import httpx
+import openai
+import pytest
+
+from loraplex.adapters import AdapterCache, AdapterRegistry
+from loraplex.adapters.routes import RouteStore
+from engine_fixtures import ADAPTERS, make_peft_adapters
+from loraplex.server.api.settings import ServerSettings
+from server_fixtures import LiveServer, engine_dims, free_port, save_tiny_base, vllm_settings
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, engine_kind):
+    """A tiny base, a folder registry with helper@1, helper@2 (alias prod -> 1) and other@1; served by
+    the engine backend ``engine_kind`` (the tests run once per backend)."""
+    root = tmp_path_factory.mktemp(f"server-{engine_kind}")
+    dims = engine_dims(engine_kind)
+    base = save_tiny_base(root / "tiny-base", dims)
+    folders = make_peft_adapters(root / "peft", specs={**ADAPTERS, "all8b": ADAPTERS["all8"]}, dims=dims)
+    reg_uri = (root / "registry").as_uri()
+    reg = AdapterRegistry(reg_uri, cache=AdapterCache(root / "cache"))
+    reg.push(folders["all8"], "helper", base_model=str(base))
+    reg.push(folders["qv4"], "helper", base_model=str(base))
+    reg.tag("helper@1", "prod")
+    reg.push(folders["mlp16rs"], "other", base_model=str(base))
+    reg.push(folders["all8b"], "acme-bot", base_model=str(base))
+    return {"root": root, "base": base, "registry": reg, "reg_uri": reg_uri, "folders": folders, "engine": engine_kind,
+            "dims": dims}
+
+
+def settings(world, **kw) -> ServerSettings:
+    return ServerSettings(model=str(world["base"]), quantize="none", dtype="float32", registry=world["reg_uri"],
+                          port=free_port(), max_lora_rank=32, max_model_len=256, registry_ttl=0.0,
+                          **{**vllm_settings(world["engine"]), **kw})
+
+
+@pytest.fixture(scope="module")
+def server(world, monkeypatch_module):
+    monkeypatch_module.setenv("LORAPLEX_HOME", str(world["root"] / "home"))
+    s = LiveServer(settings(world))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+BASE = "tiny-base"
+MSG = [{"role": "user", "content": "w10 w11 w12"}]
+
+
+def test_chat_completion_shape(client):
+    r = client.chat.completions.create(model=BASE, messages=MSG, max_tokens=5, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == BASE
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5 and r.usage.total_tokens == r.usage.prompt_tokens + 5
+
+
+def test_chat_streaming_with_usage(client):
+    chunks = list(client.chat.completions.create(model="helper@2", messages=MSG, max_tokens=6, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.model == "helper@2" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 6
+    whole = client.chat.completions.create(model="helper@2", messages=MSG, max_tokens=6, temperature=0)
+    assert text == whole.choices[0].message.content
+
+
+def test_completions_string_and_list(client):
+    r = client.completions.create(model=BASE, prompt="w5 w6 w7", max_tokens=4, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text and r.usage.completion_tokens == 4
+    r2 = client.completions.create(model="helper", prompt=["w5 w6", "w7 w8 w9"], max_tokens=3, temperature=0)
+    assert [c.index for c in r2.choices] == [0, 1] and r2.usage.completion_tokens == 6 and r2.model == "helper@2"
+    s = list(client.completions.create(model=BASE, prompt="w5 w6 w7", max_tokens=4, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in s) == r.choices[0].text
+
+
+def test_model_resolution(client, server):
+    def served(model):
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=MSG, max_tokens=1, temperature=0)
+        body = raw.parse()
+        assert raw.headers["x-loraplex-adapter"] == body.model
+        return body.model
+
+    assert served("helper") == "helper@2"  # latest
+    assert served("helper@1") == "helper@1"
+    assert served("helper@prod") == "helper@1"
+    assert served(f"{BASE}:helper@prod") == "helper@1"
+    assert served("base") == BASE
+
+
+def test_adapters_change_the_output_and_versions_differ(client):
+    outs = {m: client.completions.create(model=m, prompt="w20 w21 w22", max_tokens=8, temperature=0).choices[0].text
+            for m in (BASE, "helper@1", "helper@2")}
+    assert len(set(outs.values())) == 3
+
+
+def test_models_list(client):
+    ids = {m.id: m for m in client.models.list().data}
+    assert BASE in ids and ids[BASE].parent is None if hasattr(ids[BASE], "parent") else True
+    for mid in ("helper", "helper@1", "helper@2", "helper@prod", "other", "other@1"):
+        assert mid in ids, mid
+        assert ids[mid].model_extra.get("parent") == BASE
+
+
+def test_unknown_model_is_404_envelope(client, server):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="ghost", messages=MSG, max_tokens=1)
+    assert e.value.body["type"] == "not_found_error" and "ghost" in e.value.body["message"]
+    for bad in ("helper@9", "helper@nope", "other-base:helper", "../etc"):
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=bad, messages=MSG, max_tokens=1)
+
+
+def test_bad_requests_are_400_envelopes(server):
+    url = server.url + "/v1/chat/completions"
+    cases = [
+        (b"{not json", 400, "not valid JSON"),
+        (json.dumps({"model": BASE, "messages": []}).encode(), 400, "messages"),
+        (json.dumps({"model": BASE, "messages": MSG, "temperature": 5}).encode(), 400, "temperature"),
+        (json.dumps({"model": BASE, "messages": MSG, "n": 2}).encode(), 400, "n"),
+        (json.dumps({"model": BASE, "messages": MSG, "max_tokens": 0}).encode(), 400, "max_tokens"),
+        (json.dumps({"model": BASE, "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, "role"),
+        (json.dumps({"messages": MSG}).encode(), 400, "model"),
+        (json.dumps({"model": BASE, "messages": MSG, "adapters": [{"name": "helper", "weight": "heavy"}]}).encode(), 400, "weight"),
+        (json.dumps({"model": "helper", "messages": MSG, "adapters": [{"name": "helper"}]}).encode(), 400, "base model"),
+        (json.dumps({"model": BASE, "messages": MSG, "merge": {"strategy": "ties"}}).encode(), 400, "adapters"),
+        (json.dumps({"model": BASE, "messages": MSG, "merge": {"strategy": "bogus"},
+                     "adapters": [{"name": "helper"}]}).encode(), 400, "strategy"),
+        (b"[1, 2, 3]", 400, ""),
+    ]
+    for raw, status, needle in cases:
+        r = httpx.post(url, content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == status, (raw, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and needle in err["message"], (raw, err)
+    big = httpx.post(url, content=b"{" + b" " * (2 << 20) + b"}", headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"]["type"] == "invalid_request_error"
+    long_prompt = {"model": BASE, "messages": [{"role": "user", "content": " ".join(["w9"] * 400)}], "max_tokens": 2}
+    r = httpx.post(url, json=long_prompt)
+    assert r.status_code == 400 and "tokens" in r.json()["error"]["message"]
+
+
+def test_mixture_and_merge_through_extra_body(client):
+    mix = client.chat.completions.create(model=BASE, messages=MSG, max_tokens=6, temperature=0,
+                                         extra_body={"adapters": [{"name": "helper@1", "weight": 0.7},
+                                                                  {"name": "other", "weight": 0.3}]})
+    assert mix.model == "helper@1*0.7+other@1*0.3" and mix.choices[0].message.content
+    merged = client.chat.completions.create(model=BASE, messages=MSG, max_tokens=6, temperature=0,
+                                            extra_body={"adapters": [{"name": "helper@1", "weight": 0.6},
+                                                                     {"name": "acme-bot", "weight": 0.4}],
+                                                        "merge": {"strategy": "ties", "density": 0.5}})
+    assert merged.model.startswith("merge-")
+    again = client.chat.completions.create(model=BASE, messages=MSG, max_tokens=6, temperature=0,
+                                           extra_body={"adapters": [{"name": "helper@1", "weight": 0.6},
+                                                                    {"name": "acme-bot", "weight": 0.4}],
+                                                       "merge": {"strategy": "ties", "density": 0.5}})
+    assert again.model == merged.model and again.choices[0].message.content == merged.choices[0].message.content
+    # a cat merge is exactly the weighted mixture
+    cat = client.chat.completions.create(model=BASE, messages=MSG, max_tokens=6, temperature=0,
+                                         extra_body={"adapters": [{"name": "helper@1", "weight": 0.7},
+                                                                  {"name": "other", "weight": 0.3}],
+                                                     "merge": {"strategy": "cat"}})
+    assert cat.choices[0].message.content == mix.choices[0].message.content
+
+
+def test_mixture_above_max_lora_rank(client, world):
+    """Four adapters of ranks 8 + 16 + 8 + 4 = 36 against max_lora_rank 32. The native engine mixes them
+    in the batch (each adapter in its own slot); vLLM serves one adapter per request, so its exact
+    mixture would be one adapter of rank 36: a clear 400 that says so, not an engine failure."""
+    mix = [{"name": "helper@1", "weight": 0.4}, {"name": "other", "weight": 0.3}, {"name": "acme-bot", "weight": 0.2},
+           {"name": "helper@2", "weight": 0.1}]
+    if world["engine"] == "native":
+        r = client.completions.create(model=BASE, prompt="w3", max_tokens=2, extra_body={"adapters": mix})
+        assert r.usage.completion_tokens == 2
+        return
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=BASE, prompt="w3", max_tokens=2, extra_body={"adapters": mix})
+    assert "summed rank 36" in e.value.body["message"] and "max_lora_rank 32" in e.value.body["message"]
+    # the engine still serves
+    assert client.completions.create(model="helper@1", prompt="w3", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_stop_strings_cut_the_text(client):
+    whole = client.completions.create(model="helper@1", prompt="w20 w21", max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    words = whole.choices[0].text.split()
+    assert len(words) >= 4 and whole.choices[0].finish_reason == "length"
+    stop = words[2]
+    cut = client.completions.create(model="helper@1", prompt="w20 w21", max_tokens=8, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    text = whole.choices[0].text
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == text[:text.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible_and_logprobs(client):
+    kw = dict(model="helper", messages=MSG, max_tokens=6, temperature=1.0, seed=7)
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    assert a == client.chat.completions.create(**kw).choices[0].message.content
+    r = client.chat.completions.create(model=BASE, messages=MSG, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)  # greedy took the best
+
+
+def test_ab_route_is_sticky_and_split(client, server, world):
+    """1,000 users over a 90/10 route: within +-3 points of the weights, and every user sticky."""
+    import asyncio
+
+    routes = RouteStore(world["registry"])
+    routes.set("helper", {"helper@1": 90, "helper@2": 10})
+
+    async def ask_all(users, header: bool):
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        sem = asyncio.Semaphore(16)
+
+        async def one(u):
+            async with sem:
+                kw = {"extra_headers": {"x-loraplex-user": u}} if header else {"user": u}
+                raw = await aclient.completions.with_raw_response.create(model="helper", prompt="w3", max_tokens=1, **kw)
+                return u, raw.headers["x-loraplex-adapter"]
+
+        return dict(await asyncio.gather(*(one(u) for u in users)))
+
+    try:
+        users = [f"user-{i}" for i in range(1000)]
+        seen = asyncio.run(ask_all(users, header=False))
+        share = Counter(seen.values())
+        assert abs(share["helper@1"] / 1000 - 0.9) <= 0.03, share
+        again = asyncio.run(ask_all(users[::10], header=True))  # sticky, by body field or header
+        assert all(again[u] == seen[u] for u in again)
+    finally:
+        routes.delete("helper")
+    assert client.completions.create(model="helper", prompt="w3", max_tokens=1, user="user-1").model == "helper@2"
+
+
+def test_new_versions_and_alias_moves_are_picked_up_without_restart(client, world):
+    reg = world["registry"]
+    reg.tag("helper@2", "prod")
+    try:
+        assert client.completions.create(model="helper@prod", prompt="w3", max_tokens=1).model == "helper@2"
+    finally:
+        reg.tag("helper@1", "prod")
+    assert client.completions.create(model="helper@prod", prompt="w3", max_tokens=1).model == "helper@1"
+
+
+def test_client_disconnect_frees_the_request(server):
+    backend = server.backend
+    with httpx.stream("POST", server.url + "/v1/chat/completions",
+                      json={"model": "helper@1", "messages": MSG, "max_tokens": 200, "stream": True,
+                            "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data:")
+        next(lines)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and backend.stats()["running"]:
+        time.sleep(0.05)
+    s = backend.stats()
+    assert s["running"] == 0 and s["kv_slots_used"] == 0
+
+
+def test_metrics_and_health(server, client):
+    client.completions.create(model="helper@1", prompt="w3", max_tokens=2)
+    text = httpx.get(server.url + "/metrics").text
+    assert 'loraplex_requests_total{adapter="helper",outcome="ok",version="1"}' in text
+    assert "loraplex_ttft_seconds_bucket" in text and "loraplex_kv_slots_total" in text
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/ready").status_code == 200
+
+
+def test_admin_load_unload_and_status(server, client, world):
+    url = server.url
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "local-one", "lora_path": str(world["folders"]["qv4"])})
+    assert r.status_code == 200, r.text
+    out = client.completions.create(model="local-one", prompt="w3 w4", max_tokens=4, temperature=0)
+    assert out.model == "local-one"
+    assert "local-one" in {m.id for m in client.models.list().data}
+    client.completions.create(model="helper@1", prompt="w3", max_tokens=1)
+    status = httpx.get(url + "/v1/adapters").json()["data"]
+    assert any(a["id"] == "helper@1" and a["tier"] in ("device", "host") for a in status)
+    assert httpx.post(url + "/v1/adapters/helper@2/pin").json() == {"id": "helper@2", "pinned": True}
+    pinned = {a["id"]: a for a in httpx.get(url + "/v1/adapters").json()["data"]}
+    assert pinned["helper@2"]["pinned"] is True
+    assert httpx.post(url + "/v1/adapters/helper@2/unpin").json()["pinned"] is False
+    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "local-one"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="local-one", prompt="w3", max_tokens=1)
+    bad = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(world["root"] / "nope")})
+    assert bad.status_code == 400 and "does not exist" in bad.json()["error"]["message"]
+    assert httpx.post(url + "/v1/admin/refresh").json() == {"refreshed": True}
+
+
+def test_route_show_reads_per_arm_metrics_from_the_server(client, server, world):
+    import subprocess
+    import sys
+
+    routes = RouteStore(world["registry"])
+    routes.set("helper", {"helper@1": 50, "helper@2": 50})
+    try:
+        for i in range(20):
+            client.completions.create(model="helper", prompt="w3", max_tokens=2, user=f"u{i}")
+        env = {"LORAPLEX_HOME": str(world["root"] / "home"), "PATH": ""}
+        p = subprocess.run([sys.executable, "-m", "loraplex", "route", "show", "helper", "--server", server.url,
+                            "--registry", world["reg_uri"], "--json"], capture_output=True, text=True, env=env)
+        assert p.returncode == 0, p.stderr
+        arms = {a["arm"]: a for a in json.loads(p.stdout)["arms"]}
+        assert set(arms) == {"helper@1", "helper@2"}
+        assert all(a["requests"] > 0 and a["generation_tokens"] >= 2 and a["e2e_p50"] for a in arms.values())
+        text = subprocess.run([sys.executable, "-m", "loraplex", "route", "show", "helper", "--server", server.url,
+                               "--registry", world["reg_uri"]], capture_output=True, text=True, env=env).stdout
+        assert "REQUESTS" in text and "helper@1" in text
+        bad = subprocess.run([sys.executable, "-m", "loraplex", "route", "show", "helper", "--server",
+                              "http://127.0.0.1:1", "--registry", world["reg_uri"]], capture_output=True, text=True, env=env)
+        assert bad.returncode == 1 and bad.stderr.startswith("loraplex: error: cannot read metrics")
+    finally:
+        routes.delete("helper")
+
+
+def test_streaming_error_is_an_sse_error_event(server):
+    body = {"model": BASE, "messages": [{"role": "user", "content": " ".join(["w9"] * 400)}], "max_tokens": 2,
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    errs = [json.loads(line[5:]) for line in lines if "error" in line]
+    assert errs and "tokens" in errs[0]["error"]["message"] and lines[-1] == "data: [DONE]"

@@ -1,0 +1,150 @@
+"""The scheduler as a table: sequences in given states and a config in, one step's plan out.
+
+Real parts throughout: a tiny KV cache, and an AdapterManager with a one-layer bank whose loader waits on an
+event (so an adapter can be "still loading") or fails. Each case lists the sequences (request id, prompt length,
+tokens already cached, tokens generated, adapter name or None, where it is: running or waiting), and the plan:
+(request id, tokens this step) in order.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from loraplex.server.engine.request import SamplingParams
+from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
+from loraplex.server.engine.sequence import Sequence, Status
+from loraplex.server.lora.bank import LoraBank
+from loraplex.server.lora.manager import AdapterManager
+from loraplex.server.lora.weights import LoraModule, LoraWeights, ModuleKey
+from loraplex.server.model.kv_cache import CacheShape, KVCache
+
+KEY = ModuleKey(0, "q_proj")
+
+
+def _weights(name: str) -> LoraWeights:
+    gen = torch.Generator().manual_seed(len(name))
+    return LoraWeights(name, {KEY: LoraModule(torch.randn(4, 8, generator=gen), torch.randn(8, 4, generator=gen), 1.0)})
+
+
+class World:
+    """A scheduler over a real cache and adapter manager; adapters named 'slow*' load only after ``release``,
+    'bad*' fail to load, others load at once."""
+
+    def __init__(self, config: SchedulerConfig, kv_slots: int = 8, lora_slots: int = 2) -> None:
+        self.gate = threading.Event()
+
+        def load(name: str) -> LoraWeights:
+            if name.startswith("bad"):
+                raise ValueError(f"{name} is corrupt")
+            if name.startswith("slow"):
+                self.gate.wait(10)
+            return _weights(name)
+
+        bank = LoraBank({KEY: (8, 8)}, lora_slots, 8, torch.float32)
+        self.manager = AdapterManager(bank, load)
+        self.cache = KVCache(CacheShape(1, kv_slots, 64, 1, 2), torch.float32)
+        self.scheduler = Scheduler(config, self.cache, self.manager)
+
+    def add(self, rid: str, prompt: int, cached: int = 0, generated: int = 0, adapter: str | None = None,
+            running: bool = False) -> Sequence:
+        seq = Sequence(rid, list(range(1, prompt + 1)), SamplingParams(max_tokens=32), ((adapter, 1.0),) if adapter
+                       else (), None)
+        self.scheduler.add(seq)
+        if adapter and not adapter.startswith(("slow", "bad")):  # resident before the step under test
+            while self.manager.slot_for(adapter) is None:
+                self.manager.wait_idle(10)
+                self.manager.poll()
+        if running:
+            self.scheduler.waiting.remove(seq)
+            seq.slot, seq.status, seq.num_cached = self.cache.allocate(), Status.RUNNING, cached
+            seq.output_ids = list(range(generated))
+            self.scheduler.running.append(seq)
+        return seq
+
+    def plan(self) -> list[tuple[str, int]]:
+        return [(s.seq.request_id, s.num_tokens) for s in self.scheduler.schedule()]
+
+
+C = SchedulerConfig
+CASES = {
+    # name: (config, kv slots, sequences, expected plan)
+    "decodes first, then prefill chunks, then admissions": (
+        C(max_running=8, max_batched_tokens=512, prefill_chunk=256), 8,
+        [dict(rid="chunking", prompt=400, cached=100, running=True), dict(rid="decoding", prompt=5, cached=6,
+         generated=2, running=True), dict(rid="new", prompt=400)],
+        [("decoding", 1), ("chunking", 256), ("new", 255)]),
+    "the token budget caps admissions": (
+        C(max_running=8, max_batched_tokens=10, prefill_chunk=256), 8,
+        [dict(rid="a", prompt=6), dict(rid="b", prompt=6), dict(rid="c", prompt=6)],
+        [("a", 6), ("b", 4)]),
+    "max_running holds the queue": (
+        C(max_running=1, max_batched_tokens=512, prefill_chunk=256), 8,
+        [dict(rid="r", prompt=3, cached=4, generated=1, running=True), dict(rid="w", prompt=3)],
+        [("r", 1)]),
+    "no free KV slot holds the queue": (
+        C(max_running=8, max_batched_tokens=512, prefill_chunk=256), 1,
+        [dict(rid="r", prompt=3, cached=4, generated=1, running=True), dict(rid="w", prompt=3)],
+        [("r", 1)]),
+    "a loading adapter does not block the requests behind it": (
+        C(max_running=8, max_batched_tokens=512, prefill_chunk=256), 8,
+        [dict(rid="cold", prompt=3, adapter="slow-a"), dict(rid="base", prompt=2), dict(rid="warm", prompt=2,
+         adapter="warm-a")],
+        [("base", 2), ("warm", 2)]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_plan(name):
+    config, kv_slots, seqs, want = CASES[name]
+    world = World(config, kv_slots)
+    try:
+        for s in seqs:
+            world.add(**s)
+        assert world.plan() == want
+        planned = {rid for rid, _ in want}
+        assert all(s.slot is not None for s in world.scheduler.running)
+        assert {s.request_id for s in world.scheduler.waiting} == {s["rid"] for s in seqs} - planned
+    finally:
+        world.gate.set()
+        world.manager.shutdown()
+
+
+def test_the_cold_adapter_runs_once_loaded():
+    world = World(C())
+    try:
+        world.add("cold", 3, adapter="slow-a")
+        assert world.plan() == []
+        world.gate.set()
+        world.manager.wait_idle(10)
+        assert world.plan() == [("cold", 3)]
+    finally:
+        world.manager.shutdown()
+
+
+def test_a_failed_load_finishes_its_request_and_frees_its_references():
+    world = World(C())
+    try:
+        seq = world.add("broken", 3, adapter="bad-a")
+        assert world.plan() == []
+        world.manager.wait_idle(10)
+        assert world.plan() == []
+        (failed, exc), = world.scheduler.failed
+        assert failed is seq and "corrupt" in str(exc) and seq.finished
+        assert world.manager.refs("bad-a") == 0 and not world.scheduler.has_work()
+        assert world.cache.free_slots == 8
+    finally:
+        world.manager.shutdown()
+
+
+def test_finish_releases_the_kv_slot_and_the_adapter():
+    world = World(C(), kv_slots=2)
+    try:
+        seq = world.add("r", 3, adapter="warm-a")
+        assert world.plan() == [("r", 3)] and world.cache.free_slots == 1 and world.manager.refs("warm-a") == 1
+        world.scheduler.finish(seq)
+        assert world.cache.free_slots == 2 and world.manager.refs("warm-a") == 0 and seq.finished
+    finally:
+        world.manager.shutdown()

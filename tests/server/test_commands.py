@@ -1,0 +1,66 @@
+"""``loraplex serve``'s flags come from ``ServerSettings``: one flag per setting, with its type, choices and
+help, none of them defaulting to anything (so LORAPLEX_* variables and the settings' defaults apply)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Literal
+
+from loraplex.cli import build_parser
+from loraplex.server import commands
+from loraplex.server.api.settings import NOT_FLAGS, ServerSettings
+
+
+def _serve_actions() -> dict[str, argparse.Action]:
+    parser = build_parser(["serve"])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in sub.choices["serve"]._actions}
+
+
+def test_every_setting_has_its_flag():
+    actions = _serve_actions()
+    assert NOT_FLAGS <= set(ServerSettings.model_fields)
+    for name, field in ServerSettings.model_fields.items():
+        if name == "api_key":  # a secret: environment only
+            assert name not in actions
+            continue
+        assert field.description, f"{name} needs a description (it is the flag's help)"
+        action = actions[name]
+        assert action.option_strings == ["--" + name.replace("_", "-")]
+        assert action.default is None
+        if name != "registry":  # the --registry every command takes
+            assert field.description in action.help and f"LORAPLEX_{name.upper()}" in action.help
+    assert actions["engine"].choices == ["native", "vllm"]
+    assert actions["quantize"].choices == ["nf4", "int8", "none"]
+    assert actions["max_loras"].type is int and actions["load_share"].type is float
+    assert actions["kv_cache_gib"].type is float and actions["api_keys_file"].type is None
+
+
+def test_flags_override_the_environment(monkeypatch, tmp_path):
+    built = []
+
+    class Server:
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr("loraplex.server.server.build_server", lambda settings: built.append(settings) or Server())
+    monkeypatch.setenv("LORAPLEX_MAX_LORAS", "5")
+    monkeypatch.setenv("LORAPLEX_MAX_RUNNING", "7")
+    argv = ["serve", "--max-loras", "3", "--engine", "vllm", "--kv-cache-gib", "0.5", "--load-share", "0.2",
+            "--api-keys-file", str(tmp_path / "keys.yaml"), "--registry", "file:///srv/reg", "--registry-ttl", "0"]
+    args = build_parser(argv).parse_args(argv)
+    assert args.fn(args) == 0
+    (s,) = built
+    assert (s.max_loras, s.max_running, s.engine, s.kv_cache_gib, s.load_share, s.registry_ttl) == \
+        (3, 7, "vllm", 0.5, 0.2, 0.0)
+    assert s.api_keys_file == tmp_path / "keys.yaml" and s.registry == "file:///srv/reg"
+    assert s.port == 8000 and s.quantize is None  # not given: the default
+
+
+def test_flag_types_follow_the_annotation():
+    assert commands._flag_type(int) == {"type": int}
+    assert commands._flag_type(float | None) == {"type": float}
+    assert commands._flag_type(Literal["a", "b"] | None) == {"choices": ["a", "b"], "type": str}
+    assert commands._flag_type(bool) == {"action": argparse.BooleanOptionalAction}
+    assert commands._flag_type(Path | None) == {} and commands._flag_type(str) == {}
