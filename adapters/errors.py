@@ -69,5 +69,13 @@ class EngineError(LoraplexError):
     type = "server_error"
 
 
+class EngineUnavailableError(LoraplexError):
+    """The engine is down (it died and is restarting): the request was not served; retrying later will work."""
+
+    status = 503
+    type = "server_error"
+    headers = {"Retry-After": "2"}
+
+
 class ConfigError(LoraplexError):
     """A bad option, config file or registry URI."""

@@ -16,6 +16,10 @@ class EngineBackend(Protocol):
     base_model: str  # the base model's id, as listed by /v1/models
     max_model_len: int
 
+    @property
+    def ready(self) -> bool:
+        """False while the engine is down or restarting (``/ready`` then answers 503, requests get 503s)."""
+
     def chat_prompt(self, messages: list[dict]) -> str:
         """The base model's chat template applied to OpenAI-style messages, ready to generate."""
 
@@ -40,7 +44,7 @@ class EngineBackend(Protocol):
 
     def stats(self) -> dict:
         """running, waiting, kv_slots_used, kv_slots_total, batch_tokens, cache hits/misses/loads/evictions
-        (cumulative), load_seconds; a value the engine cannot tell is None."""
+        (cumulative), load_seconds, restarts (of the engine, cumulative); a value the engine cannot tell is None."""
 
     def close(self) -> None:
         """Stop the engine thread."""

@@ -9,6 +9,8 @@ from types import SimpleNamespace
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
+from loraplex.adapters.errors import EngineUnavailableError
+
 from .state import ApiState, api_state
 
 router = APIRouter()
@@ -21,6 +23,9 @@ async def health():
 
 @router.get("/ready")
 async def ready(st: ApiState = Depends(api_state)):
+    """200 while the engine serves; 503 while it is down or restarting (so a load balancer drains this replica)."""
+    if not getattr(st.backend, "ready", True):
+        raise EngineUnavailableError("the engine is restarting")
     return {"status": "ready", "model": st.resolver.base_id}
 
 

@@ -97,6 +97,8 @@ class Metrics:
         self.adapter_cache_misses = Counter("loraplex_adapter_cache_misses_total", "Adapter lookups that started a load.", registry=r)
         self.adapter_loads = Counter("loraplex_adapter_loads_total", "Adapters loaded.", registry=r)
         self.adapter_evictions = Counter("loraplex_adapter_evictions_total", "Adapters evicted from a slot.", registry=r)
+        self.engine_restarts = Counter("loraplex_engine_restarts_total", "Times the engine died and was restarted.",
+                                       registry=r)
         self.adapter_load_seconds = Histogram("loraplex_adapter_load_seconds", "Time to load an adapter.",
                                               buckets=ADAPTER_LOAD_BUCKETS, registry=r)
 
@@ -161,6 +163,9 @@ class Metrics:
         or ``last_batch_tokens``, ``kv_slots_used``, ``kv_slots_total``; absent ones are left as is.
         """
         get = stats.get if isinstance(stats, Mapping) else (lambda k: getattr(stats, k, None))
+        if get("restarts") is not None:
+            with self._lock:
+                self._advance("restarts", self.engine_restarts, get("restarts"))
         for gauge, keys in _ENGINE_GAUGES.items():
             for key in keys:
                 value = get(key)

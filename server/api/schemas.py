@@ -3,28 +3,34 @@ map to. Unknown fields are ignored, as OpenAI's API does; wrong types and ranges
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..engine.request import SamplingParams
+from ..engine.request import (MAX_ADAPTER_WEIGHT, MAX_MIXTURE, MAX_REPETITION_PENALTY, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS,
+                               MAX_TOKEN_ID, SEED_RANGE, SamplingParams)
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+MAX_MERGE_RANK = 1024  # svd_rank's ceiling here; the engine also holds it to its max_lora_rank
 
 
 class AdapterWeight(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
-    weight: float = Field(default=1.0, allow_inf_nan=False)
+    weight: float = Field(default=1.0, ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT, allow_inf_nan=False)
 
 
 class MergeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     strategy: Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
                       "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]
-    density: float | None = None
+    density: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     majority_sign_method: Literal["total", "frequency"] = "total"
-    svd_rank: int | None = None
-    svd_clamp: float | None = None
-    seed: int | None = None
+    svd_rank: int | None = Field(default=None, ge=1, le=MAX_MERGE_RANK)
+    svd_clamp: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
 
 
 class StreamOptions(BaseModel):
@@ -34,32 +40,32 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1, max_length=300)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKEN_ID)
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
-    stop: str | list[str] | None = None
+    stop: StopText | list[StopText] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    seed: Seed | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2, allow_inf_nan=False)
     user: str | None = Field(default=None, max_length=256)
     # vLLM-style extras
-    top_k: int | None = None
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOKEN_ID)
+    min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     # loraplex extras (the openai client's extra_body)
-    adapters: list[AdapterWeight] | None = Field(default=None, max_length=8)
+    adapters: list[AdapterWeight] | None = Field(default=None, max_length=MAX_MIXTURE)
     merge: MergeRequest | None = None
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
-        if isinstance(v, list) and len(v) > 16:
-            raise ValueError("at most 16 stop sequences")
+        if isinstance(v, list) and len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
         return v
 
     def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -95,14 +101,14 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKEN_ID)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKEN_ID)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
 

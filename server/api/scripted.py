@@ -53,6 +53,7 @@ class ScriptedBackend:
         self._resident: dict[str, dict] = {}  # adapter name -> tier, slot, refs, load_seconds
         self._hits = self._misses = 0
         self._closed = False
+        self.ready = True  # the engine serves; a test sets it False to stand for an engine that is restarting
 
     # ---- text -----------------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict]) -> str:
@@ -194,7 +195,7 @@ class ScriptedBackend:
         return {"running": len(self.running), "waiting": self.waiting, "kv_slots_used": len(self.running),
                 "kv_slots_total": self.kv_slots_total, "batch_tokens": len(self.running), "cache_hits": self._hits,
                 "cache_misses": self._misses, "loads": self._misses, "evictions": 0,
-                "load_seconds": [0.0] * self._misses}
+                "load_seconds": [0.0] * self._misses, "restarts": 0}
 
     def close(self) -> None:
         self._closed = True

@@ -8,11 +8,14 @@ one runs, a step ends by handing it a bounded share of the machine (``EngineConf
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass
 
 import torch
+
+from loraplex.adapters.errors import EngineError
 
 from ..lora.bank import LoraBank
 from ..lora.manager import AdapterManager, Loader
@@ -20,9 +23,12 @@ from ..lora.weights import LoraWeights
 from ..model.decoder import Decoder
 from ..model.kv_cache import CacheShape, KVCache
 from .batch import Work, build_step
+from .request import check_mixture
 from .sampling import Sampler, SamplingParams, make_generator
 from .scheduler import SchedulerConfig, Scheduler
 from .sequence import RequestOutput, Sequence, Status
+
+log = logging.getLogger("loraplex.engine")
 
 
 _MAX_YIELD = 0.02  # seconds: the most one step yields to adapter loads
@@ -94,6 +100,10 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(ids) + 1 > self.config.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine allows at most {self.config.max_model_len - 1}")
+        if params.top_k > self.vocab_size:
+            raise ValueError(f"top_k must be at most the vocabulary size ({self.vocab_size}), got {params.top_k}")
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
         mix = _normalize_adapters(adapters)
         seq = Sequence(request_id, ids, params, mix, make_generator(params.seed, self.device))
         self._seqs[request_id] = seq
@@ -111,6 +121,9 @@ class Engine:
         from ..lora.merge import merge
 
         names = list(sources)
+        check_mixture([(n, w) for n, w in zip(names, spec.weights)])
+        if spec.svd_rank is not None and spec.svd_rank > self.config.max_lora_rank:
+            raise ValueError(f"svd_rank must be at most max_lora_rank ({self.config.max_lora_rank}), got {spec.svd_rank}")
         name = f"merge-{spec.cache_key(names)[:20]}"
         self.adapters.register_derived(name, lambda _n: merge([self.adapters.loader(n) for n in names], spec, name))
         return name
@@ -133,8 +146,14 @@ class Engine:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step of every running request. A failure inside it (a kernel, the sampler, a bad value) ends the
+        requests of that step with an ``EngineError`` output (the API's 500) and leaves the engine serving: the
+        next step starts from a clean plan, and the failed requests' KV slots and adapter references are freed."""
         start = time.perf_counter()
-        outputs = self._step()
+        try:
+            outputs = self._step()
+        except Exception as exc:  # noqa: BLE001  a failure outside the forward (scheduling): end everything queued
+            outputs = self._fail_step(exc, waiting=True)
         if self.scheduler.running:  # returns at once unless a load is running
             self.adapters.yield_to_loads(min(_MAX_YIELD, self.config.load_share * (time.perf_counter() - start)))
         return outputs
@@ -145,6 +164,14 @@ class Engine:
         self.scheduler.failed.clear()
         if not plan:
             return outputs
+        try:
+            self._run(plan, outputs)
+        except Exception as exc:  # noqa: BLE001  (any failure must not stop the loop)
+            outputs += self._fail_step(exc)
+        return outputs
+
+    def _run(self, plan, outputs: list[RequestOutput]) -> None:
+        """Forward the plan's tokens, sample, append: outputs go to ``outputs`` as they are made."""
         work = []
         for s in plan:
             seq = s.seq
@@ -165,6 +192,17 @@ class Engine:
             for i, seq in enumerate(sampled):
                 top = out.top_logprobs[i] if out.top_logprobs is not None else None
                 outputs.append(self._append(seq, int(out.token_ids[i]), float(out.logprobs[i]), top))
+
+    def _fail_step(self, exc: Exception, waiting: bool = False) -> list[RequestOutput]:
+        """End every request this step held (running, or admitted by the failed plan; with ``waiting``, the
+        queued ones too) with an error output."""
+        log.error("engine step failed; ending its %d request(s): %s: %s", len(self.scheduler.running),
+                  type(exc).__name__, exc, exc_info=exc)
+        error = EngineError(f"the engine failed while serving this request ({type(exc).__name__})")
+        outputs = []
+        for seq in list(self.scheduler.running) + (list(self.scheduler.waiting) if waiting else []):
+            self.scheduler.finish(seq)
+            outputs.append(self._fail(seq, error))
         return outputs
 
     def _append(self, seq: Sequence, token: int, logprob: float, top) -> RequestOutput:
@@ -263,9 +301,7 @@ def _normalize_adapters(adapters) -> tuple[tuple[str, float], ...]:
     if isinstance(adapters, str):
         return ((adapters, 1.0),)
     mix = tuple((str(n), float(w)) for n, w in adapters)
-    names = [n for n, _ in mix]
-    if len(set(names)) != len(names):
-        raise ValueError("an adapter appears twice in the mixture")
+    check_mixture(mix)
     return mix
 
 

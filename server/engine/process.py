@@ -9,12 +9,20 @@ tok/s alone and at 204 tok/s beside one busy Python thread. So the engine runs i
 
 The API process keeps only the tokenizer (for chat templates and logprob token texts) and a reader
 thread that hands each request's outputs to its asyncio queue.
+
+Supervision: a failure inside a step ends that step's requests and the engine goes on (``Engine.step``).
+If the child dies anyway (kill -9, the OOM killer, a crash in native code), the reader sees its pipe close
+at once, ends every in-flight request and call with ``EngineUnavailableError`` (503, Retry-After), turns
+``ready`` false (``/ready`` answers 503) and starts a new child, retrying with exponential backoff
+(``restart_backoff``) until one is up; ``stats()["restarts"]`` counts them. New requests meanwhile get the
+same 503 at once instead of waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import multiprocessing as mp
 import pickle
 import threading
@@ -22,11 +30,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from loraplex.adapters.errors import LoraplexError
+from loraplex.adapters.errors import EngineUnavailableError, LoraplexError
 
 from .request import RequestOutput, SamplingParams, drain
 
 _STATS_EVERY = 0.25  # seconds between stats messages while idle
+log = logging.getLogger("loraplex.engine")
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,23 +161,12 @@ def _engine_main(conn, launch: EngineLaunch) -> None:  # runs in the child proce
 
 
 class EngineProcess:
-    """``EngineBackend`` over an engine running in a child process."""
+    """``EngineBackend`` over an engine running in a child process, restarted when it dies."""
 
-    def __init__(self, launch: EngineLaunch, start_timeout: float = 900.0) -> None:
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        # Not a daemon, so it may start processes of its own; it exits by itself when this process
-        # goes away (its end of the pipe then reads EOF).
-        self._proc = ctx.Process(target=_engine_main, args=(child, launch), name="loraplex-engine", daemon=False)
-        self._proc.start()
-        child.close()
-        if not self._conn.poll(start_timeout):
-            self._proc.kill()
-            raise LoraplexError("the engine process did not start in time")
-        kind, info = self._conn.recv()
-        if kind == "fatal":
-            self._proc.join(5)
-            raise info
+    def __init__(self, launch: EngineLaunch, start_timeout: float = 900.0,
+                 restart_backoff: tuple[float, float] = (0.5, 30.0)) -> None:
+        self._launch, self._start_timeout, self._backoff = launch, start_timeout, restart_backoff
+        self._conn, self._proc, info = self._spawn()  # the first start's failure is the caller's
         self.info = info
         self.base_model: str = info["base_model"]
         self.max_model_len: int = info["max_model_len"]
@@ -181,29 +179,96 @@ class EngineProcess:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ids = itertools.count()
-        self._stats: dict = {"running": 0, "waiting": 0, "kv_slots_used": 0, "kv_slots_total": 1, "batch_tokens": 0,
-                             "steps": 0, "cache_hits": 0, "cache_misses": 0, "loads": 0, "evictions": 0,
-                             "load_seconds": []}
+        self.restarts = 0
+        self._stats: dict = self._idle_stats()
+        self._up = True  # False from the child's death until its replacement is ready
         self._closed = False
-        self._reader = threading.Thread(target=self._read_loop, name="loraplex-engine-reader", daemon=True)
+        self._reader = threading.Thread(target=self._supervise, name="loraplex-engine-reader", daemon=True)
         self._reader.start()
+
+    # ---- the child ----------------------------------------------------------------------------------
+    def _spawn(self):
+        """Start a child and wait for its "ready": (connection, process, info); raises if it fails to start."""
+        ctx = mp.get_context("spawn")
+        conn, child = ctx.Pipe()
+        # Not a daemon, so it may start processes of its own; it exits by itself when this process
+        # goes away (its end of the pipe then reads EOF).
+        proc = ctx.Process(target=_engine_main, args=(child, self._launch), name="loraplex-engine", daemon=False)
+        proc.start()
+        child.close()
+        if not conn.poll(self._start_timeout):
+            proc.kill()
+            raise LoraplexError("the engine process did not start in time")
+        try:
+            kind, info = conn.recv()
+        except (EOFError, OSError):
+            proc.join(5)
+            raise LoraplexError(f"the engine process exited while starting (exit code {proc.exitcode})") from None
+        if kind == "fatal":
+            proc.join(5)
+            raise info
+        return conn, proc, info
+
+    def _idle_stats(self) -> dict:
+        return {"running": 0, "waiting": 0, "kv_slots_used": 0, "kv_slots_total": 1, "batch_tokens": 0, "steps": 0,
+                "cache_hits": 0, "cache_misses": 0, "loads": 0, "evictions": 0, "load_seconds": [],
+                "restarts": self.restarts}
+
+    @property
+    def ready(self) -> bool:
+        return self._up and not self._closed
+
+    def _supervise(self) -> None:
+        """Read the child's messages; when it dies, fail what was in flight and start a new one."""
+        while True:
+            self._read_loop(self._conn)
+            if self._closed:
+                return
+            self._up = False
+            self._proc.join(1)
+            log.error("the engine process died (exit code %s); restarting it", self._proc.exitcode)
+            self._fail_all(EngineUnavailableError("the engine stopped while serving this request and is restarting; "
+                                                  "retry shortly"))
+            delay = self._backoff[0]
+            while not self._closed:
+                try:
+                    conn, proc, _ = self._spawn()
+                except Exception as exc:  # noqa: BLE001  keep trying: the API stays up and answers 503
+                    log.error("engine restart failed (%s); next try in %.1f s", exc, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, self._backoff[1])
+                    continue
+                with self._send_lock:
+                    self._conn, self._proc = conn, proc
+                self.restarts += 1
+                self._stats = self._idle_stats()
+                self._up = True
+                log.warning("engine process restarted (%d restart(s) so far)", self.restarts)
+                break
+            if self._closed:
+                return
 
     # ---- plumbing -----------------------------------------------------------------------------------
     def _send(self, msg) -> None:
-        with self._send_lock:
-            self._conn.send(msg)
+        if not self.ready:
+            raise EngineUnavailableError("the engine is restarting; retry shortly")
+        try:
+            with self._send_lock:
+                self._conn.send(msg)
+        except (BrokenPipeError, OSError):
+            raise EngineUnavailableError("the engine is restarting; retry shortly") from None
 
-    def _read_loop(self) -> None:
+    def _read_loop(self, conn) -> None:
+        """Deliver one child's messages until its pipe closes."""
         while True:
             try:
-                msg = self._conn.recv()
+                msg = conn.recv()
             except (EOFError, OSError):
-                self._fail_all(LoraplexError("the engine process exited"))
                 return
             kind = msg[0]
             if kind == "out":
                 _, outs, stats = msg
-                self._stats = stats
+                self._stats = {**stats, "restarts": self.restarts}
                 by_loop: dict = {}
                 for out in outs:
                     target = self._streams.get(out.request_id)
@@ -212,7 +277,7 @@ class EngineProcess:
                 for loop, items in by_loop.items():
                     loop.call_soon_threadsafe(_deliver, items)
             elif kind == "stats":
-                self._stats = msg[1]
+                self._stats = {**msg[1], "restarts": self.restarts}
             elif kind == "rejected":
                 _, rid, exc = msg
                 target = self._streams.get(rid)
@@ -229,6 +294,7 @@ class EngineProcess:
         for loop, q in list(self._streams.values()):
             loop.call_soon_threadsafe(q.put_nowait, exc)
         for cid, (loop, fut) in list(self._calls.items()):
+            self._calls.pop(cid, None)
             loop.call_soon_threadsafe(_settle, fut, False, exc)
 
     async def _call(self, method: str, *args):
@@ -236,7 +302,11 @@ class EngineProcess:
         fut = loop.create_future()
         cid = next(self._ids)
         self._calls[cid] = (loop, fut)
-        self._send(("call", cid, method, args))
+        try:
+            self._send(("call", cid, method, args))
+        except EngineUnavailableError:
+            self._calls.pop(cid, None)
+            raise
         return await fut
 
     # ---- EngineBackend --------------------------------------------------------------------------------
@@ -261,8 +331,11 @@ class EngineProcess:
                 yield item
         finally:
             self._streams.pop(request_id, None)
-            if not finished and not self._closed:
-                self._send(("abort", request_id))
+            if not finished and self.ready:
+                try:
+                    self._send(("abort", request_id))
+                except EngineUnavailableError:
+                    pass  # the child is gone, and the request with it
 
     def add_merge(self, sources: list[str], merge: dict) -> str:
         return _run_sync(self._call("add_merge", sources, merge))
@@ -282,9 +355,10 @@ class EngineProcess:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        self._closed = True  # first: the supervisor must not take the child's exit for a crash
         try:
-            self._send(("stop",))
+            with self._send_lock:
+                self._conn.send(("stop",))
         except OSError:
             pass
         self._proc.join(10)

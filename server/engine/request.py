@@ -9,7 +9,28 @@ from dataclasses import dataclass
 
 _EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
 MAX_STOP = 16
+MAX_STOP_CHARS = 256  # characters of one stop string
 MAX_LOGPROBS = 20
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOKEN_ID = 2**31 - 1  # ids and top_k fit int32 (the engine checks them against its vocabulary too)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+MAX_ADAPTER_WEIGHT = 10.0  # |weight| of an adapter in a per-request mixture or merge
+MAX_MIXTURE = 8  # adapters in one mixture or merge
+MAX_REPETITION_PENALTY = 10.0  # past this every seen token is all but excluded already
+
+
+def check_mixture(adapters: list[tuple[str, float]] | tuple[tuple[str, float], ...]) -> None:
+    """Raise ValueError unless a mixture has at most MAX_MIXTURE distinct adapters with finite weights of
+    magnitude at most MAX_ADAPTER_WEIGHT (a weight of 1e30 would overflow the delta into inf and NaN)."""
+    if len(adapters) > MAX_MIXTURE:
+        raise ValueError(f"a mixture takes at most {MAX_MIXTURE} adapters, got {len(adapters)}")
+    names = [n for n, _ in adapters]
+    if len(set(names)) != len(names):
+        raise ValueError("an adapter appears twice in the mixture")
+    for name, w in adapters:
+        if not _num(w) or not math.isfinite(w) or abs(w) > MAX_ADAPTER_WEIGHT:
+            raise ValueError(f"adapter weights must be finite numbers in [-{MAX_ADAPTER_WEIGHT:g}, "
+                             f"{MAX_ADAPTER_WEIGHT:g}], got {w!r} for {name}")
 
 
 def _num(value: object) -> bool:
@@ -43,23 +64,27 @@ class SamplingParams:
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         checks = [
-            ("max_tokens", _int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            ("max_tokens", _int(self.max_tokens) and 1 <= self.max_tokens <= MAX_TOKEN_ID,
+             f"an integer in [1, {MAX_TOKEN_ID}]"),
             ("temperature", _num(self.temperature) and 0 <= self.temperature <= 2, "in [0, 2]"),
             ("top_p", _num(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", _int(self.top_k) and self.top_k >= -1, "-1 or 0 (off) or an integer >= 1"),
+            ("top_k", _int(self.top_k) and -1 <= self.top_k <= MAX_TOKEN_ID,
+             f"-1 or 0 (off) or an integer in [1, {MAX_TOKEN_ID}]"),
             ("min_p", _num(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
-            ("seed", self.seed is None or _int(self.seed), "an integer or null"),
-            ("stop", len(stop) <= MAX_STOP and all(isinstance(s, str) and s for s in stop),
-             f"at most {MAX_STOP} non-empty strings"),
-            ("stop_token_ids", all(_int(t) and t >= 0 for t in self.stop_token_ids),
-             "a list of integers >= 0"),
+            ("seed", self.seed is None or (_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
+             f"null or an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"),
+            ("stop", len(stop) <= MAX_STOP and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop),
+             f"at most {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} characters"),
+            ("stop_token_ids", len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS
+             and all(_int(t) and 0 <= t <= MAX_TOKEN_ID for t in self.stop_token_ids),
+             f"at most {MAX_STOP_TOKEN_IDS} integers in [0, {MAX_TOKEN_ID}]"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "a boolean"),
             ("presence_penalty", _num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              "in [-2, 2]"),
             ("frequency_penalty",
              _num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
-            ("repetition_penalty", _num(self.repetition_penalty) and 0 < self.repetition_penalty
-             and math.isfinite(self.repetition_penalty), "a finite number > 0"),
+            ("repetition_penalty", _num(self.repetition_penalty)
+             and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY, f"in (0, {MAX_REPETITION_PENALTY:g}]"),
             ("logprobs", self.logprobs is None or (_int(self.logprobs)
                                                    and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"null or an integer in [0, {MAX_LOGPROBS}]"),

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from loraplex.adapters import AdapterRegistry, BaseModelInfo
-from loraplex.adapters.errors import ConfigError, EngineError, LoraplexError
+from loraplex.adapters.errors import ConfigError, EngineError, EngineUnavailableError, LoraplexError
 
 from ..engine.request import RequestOutput, SamplingParams, drain
 from .catalog import AdapterCatalog
@@ -180,6 +180,12 @@ class VllmBackend:
                          "pinned": name in self._pinned, "load_seconds": None, "lora_int_id": lid}
         return out
 
+    @property
+    def ready(self) -> bool:
+        """False once vLLM's engine core has died (``AsyncLLM.errored``) or the backend is closed."""
+        engine = getattr(self, "_engine", None)
+        return not self._closed and engine is not None and not getattr(engine, "errored", False)
+
     def stats(self) -> dict:
         s = self._stats
         with s.lock:
@@ -212,6 +218,8 @@ def _engine_error(exc: Exception) -> Exception:
     if isinstance(exc, (LoraplexError, ValueError)):
         return exc
     cause = exc.__cause__ or exc
+    if type(exc).__name__ == "EngineDeadError" or type(cause).__name__ == "EngineDeadError":
+        return EngineUnavailableError("the vLLM engine stopped; retry shortly")
     if isinstance(cause, ValueError):
         return ValueError(str(cause).splitlines()[0] if str(cause) else "invalid request")
     return EngineError(f"the vLLM engine failed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
