@@ -1,7 +1,8 @@
 # loraplex: multi-adapter LoRA inference server, OpenAI-compatible API on :8000.
 #
 #   docker build -t loraplex:latest .
-#   docker run --gpus all -p 8000:8000 -v loraplex-data:/data -e LORAPLEX_DEVICE=cuda loraplex:latest
+#   docker run --gpus all -p 8000:8000 -v loraplex-data:/data -e LORAPLEX_DEVICE=cuda \
+#       -e LORAPLEX_API_KEY=$(openssl rand -hex 24) loraplex:latest
 #
 # Without --gpus (and with the default LORAPLEX_DEVICE=cpu) the same image serves on the CPU.
 #

@@ -7,7 +7,7 @@ This package's core never imports torch (nor boto3 until an s3:// registry is op
 from .basemodel import BaseModelInfo, resolve_base_model
 from .cache import AdapterCache
 from .errors import (
-    ConfigError, ConflictError, IncompatibleBaseError, IntegrityError, InvalidAdapterError, InvalidNameError,
+    ConditionalWriteError, ConfigError, ConflictError, IncompatibleBaseError, IntegrityError, InvalidAdapterError, InvalidNameError,
     LoraplexError, NotFoundError, StorageError,
 )
 from .manifest import Manifest
@@ -17,7 +17,7 @@ from .spec import AdapterSpec, Limits, validate_adapter
 from .storage import Storage, open_storage
 
 __all__ = [
-    "AdapterCache", "AdapterRef", "AdapterRegistry", "AdapterSpec", "AliasEvent", "BaseModelInfo", "ConfigError",
+    "AdapterCache", "AdapterRef", "AdapterRegistry", "AdapterSpec", "AliasEvent", "BaseModelInfo", "ConditionalWriteError", "ConfigError",
     "ConflictError", "IncompatibleBaseError", "IntegrityError", "InvalidAdapterError", "InvalidNameError", "Limits",
     "LoraplexError", "Manifest", "NotFoundError", "PushResult", "Storage", "StorageError", "open_storage",
     "resolve_base_model", "validate_adapter",

@@ -157,9 +157,12 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_rm(args) -> int:
+    from .reference import AdapterRef
+
     reg = _registry(args)
     m = reg.remove(args.ref, force=args.force)
-    _emit(args, {"removed": m.ref}, f"removed {m.ref}")
+    ref = m.ref if m is not None else str(AdapterRef.parse(args.ref))  # None: an invalid manifest, removed by --force
+    _emit(args, {"removed": ref}, f"removed {ref}")
     return 0
 
 
@@ -216,8 +219,13 @@ def _route_stats(args, store) -> int:
         raise NotFoundError(f"no route {name!r} in {store.registry.uri}")
     if not args.server:
         raise ConfigError("route show needs --server URL (a loraplex server whose /metrics to read)")
+    key = os.environ.get("LORAPLEX_API_KEY")  # a key with the metrics scope, for a server that guards /metrics
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     try:
-        r = httpx.get(args.server.rstrip("/") + "/metrics", timeout=10)
+        r = httpx.get(args.server.rstrip("/") + "/metrics", timeout=10, headers=headers)
+        if r.status_code in (401, 403):
+            raise ConfigError(f"{args.server} refused /metrics ({r.status_code}): set LORAPLEX_API_KEY to a key with "
+                              "the metrics scope")
         r.raise_for_status()
     except httpx.HTTPError as exc:
         raise StorageError(f"cannot read metrics from {args.server}: {exc}") from None
@@ -269,13 +277,15 @@ def _args_rollback(p):
 
 def _args_rm(p):
     p.add_argument("ref", help="NAME@VERSION")
-    p.add_argument("--force", action="store_true", help="also remove aliases pointing at it")
+    p.add_argument("--force", action="store_true",
+                   help="also remove the aliases and A/B route arms pointing at it (a route left without arms is deleted)")
 
 
 def _args_route(p):
     p.add_argument("name", help="route name: what clients ask for, e.g. support-bot (or: show NAME)")
     p.add_argument("route", nargs="?", help=argparse.SUPPRESS)
-    p.add_argument("--server", help="with 'route show NAME': a loraplex server URL whose /metrics to read")
+    p.add_argument("--server", help="with 'route show NAME': a loraplex server URL whose /metrics to read "
+                                    "(env LORAPLEX_API_KEY: a key with the metrics scope, if the server asks for one)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--split", metavar="REF=W,REF=W",
                       help="set the route: pinned versions and relative weights, e.g. support-bot@3=90,support-bot@4=10 "
@@ -290,6 +300,6 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable]] =
     "pull": (cmd_pull, "download a version into a folder (verified)", _args_pull),
     "tag": (cmd_tag, "point an alias at a version", _args_tag),
     "rollback": (cmd_rollback, "move an alias back to where it pointed before", _args_rollback),
-    "rm": (cmd_rm, "remove a version (refused while an alias points at it)", _args_rm),
+    "rm": (cmd_rm, "remove a version (refused while an alias or a route arm points at it)", _args_rm),
     "route": (cmd_route, "set, show or delete an A/B route: a name split over pinned adapter versions", _args_route),
 }

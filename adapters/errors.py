@@ -79,3 +79,8 @@ class EngineUnavailableError(LoraplexError):
 
 class ConfigError(LoraplexError):
     """A bad option, config file or registry URI."""
+
+
+class ConditionalWriteError(StorageError):
+    """A store that ignores conditional writes (``If-None-Match: *``): exclusive creates are not exclusive there,
+    so two pushes could share a version number. Writes to it are refused."""

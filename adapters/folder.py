@@ -7,12 +7,13 @@ target exists, so a key appears complete or not at all, and only one of two raci
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 from pathlib import Path
 
 from .errors import NotFoundError, StorageError
-from .storage import Progress
+from .storage import Progress, copy_capped, too_large
 
 TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
@@ -36,10 +37,15 @@ class FolderStorage:
             raise StorageError(f"cannot write to registry folder {self.root}: {exc.strerror}") from None
         return target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}-{target.name}"
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, limit: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
+            with self._path(key).open("rb") as f:
+                if limit is not None and os.fstat(f.fileno()).st_size > limit:
+                    raise too_large(key, limit)
+                out = io.BytesIO()
+                copy_capped(f.read, out, key, limit)
+                return out.getvalue()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFoundError(f"{key} not found in {self.uri}") from None
         except OSError as exc:
             raise StorageError(f"cannot read {key} from {self.uri}: {exc.strerror}") from None
@@ -68,6 +74,10 @@ class FolderStorage:
             return True
         except FileExistsError:
             return False
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create {key} in {self.uri}: {exc.strerror} (a registry folder needs a filesystem with hard links)"
+            ) from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -88,15 +98,18 @@ class FolderStorage:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def download(self, key: str, path: Path, progress: Progress | None = None) -> None:
-        src = self._path(key)
-        if not src.is_file():
-            raise NotFoundError(f"{key} not found in {self.uri}")
-        with src.open("rb") as s, Path(path).open("wb") as d:
-            while chunk := s.read(_CHUNK):
-                d.write(chunk)
-                if progress:
-                    progress(len(chunk))
+    def download(self, key: str, path: Path, progress: Progress | None = None, limit: int | None = None) -> None:
+        try:
+            s = self._path(key).open("rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise NotFoundError(f"{key} not found in {self.uri}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {key} from {self.uri}: {exc.strerror}") from None
+        with s:
+            if limit is not None and os.fstat(s.fileno()).st_size > limit:
+                raise too_large(key, limit)  # refused before reading a byte
+            with Path(path).open("wb") as d:
+                copy_capped(s.read, d, key, limit, progress, _CHUNK)
 
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix.rstrip("/")) if prefix else self.root
@@ -121,7 +134,12 @@ class FolderStorage:
 
     def delete(self, key: str) -> None:
         target = self._path(key)
-        target.unlink(missing_ok=True)
+        try:
+            target.unlink(missing_ok=True)
+        except NotADirectoryError:
+            return  # a parent is a file: the key cannot exist
+        except OSError as exc:
+            raise StorageError(f"cannot delete {key} from {self.uri}: {exc.strerror}") from None
         parent = target.parent
         while parent != self.root:
             try:

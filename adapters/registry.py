@@ -14,6 +14,12 @@ whose files are still uploading (the manifest is written after the files); a pus
 (no manifest, so nothing is visible, and the re-run claims a fresh number); two concurrent alias
 moves losing one of them (each appends log entry K+1 exclusively, the loser re-reads and retries).
 ``latest`` is not stored: it is always the highest visible version.
+
+What this layout relies on, checked rather than assumed: ``create`` must be exclusive, so before its
+first write a registry object probes the store (``storage.check_exclusive_create``) and refuses to
+write to one that ignores ``If-None-Match: *``; every manifest is validated when it is read
+(``Manifest.from_json``: file names, sha256 strings, sizes, name and version); every download is capped
+and verified (``AdapterCache``). ``remove`` refuses a version an alias or an A/B route arm points at.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import getpass
 import json
 import re
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,14 +38,17 @@ from pathlib import Path
 
 from .basemodel import BaseModelInfo, resolve_base_model
 from .cache import AdapterCache
-from .errors import ConfigError, ConflictError, IncompatibleBaseError, NotFoundError, StorageError
-from .manifest import Manifest, hash_file
+from .errors import (
+    ConfigError, ConflictError, IncompatibleBaseError, IntegrityError, InvalidNameError, NotFoundError, StorageError,
+)
+from .manifest import MAX_MANIFEST_BYTES, Manifest, hash_file
 from .reference import LATEST, AdapterRef, check_alias, check_name
 from .spec import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, Limits, validate_adapter
-from .storage import ProgressFactory, Storage, open_storage
+from .storage import ProgressFactory, Storage, check_exclusive_create, open_storage
 
 _VERSION_KEY = re.compile(r"^v(\d+)/(manifest\.json|\.claim)$")
 _MAX_RACE_RETRIES = 1000
+MAX_ENTRY_BYTES = 64 * 1024  # an alias or route log entry is ~200 bytes
 
 
 def now() -> str:
@@ -78,7 +89,11 @@ class AdapterRegistry:
         self.storage = open_storage(storage) if isinstance(storage, str) else storage
         self.limits = limits
         self.cache = cache
-        self._manifests: dict[tuple[str, int], Manifest] = {}  # immutable once visible
+        # (name, version) -> (when last read from the store, manifest). A manifest's bytes never change
+        # once visible; only whether it is still visible (``rm``) does: see ``manifest(max_age=...)``.
+        self._manifests: dict[tuple[str, int], tuple[float, Manifest]] = {}
+        self._exclusive_checked = False
+        self._probe_lock = threading.Lock()
 
     @property
     def uri(self) -> str:
@@ -111,15 +126,34 @@ class AdapterRegistry:
     def version_numbers(self, name: str) -> list[int]:
         return self._numbers(check_name(name))[0]
 
-    def manifest(self, name: str, version: int) -> Manifest:
+    def manifest(self, name: str, version: int, *, max_age: float | None = None) -> Manifest:
+        """The validated manifest of ``name@version``; NotFoundError if it is not (or no longer) visible.
+
+        Read once and kept (its bytes are immutable). With ``max_age`` (seconds), a kept manifest older than
+        that is read again, so a version removed meanwhile (by another process) stops resolving: a server
+        passes its TTL here. If that re-read fails with a StorageError (store down), the kept manifest is
+        served (stale-while-error): only NotFound evicts it."""
+        check_name(name)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise InvalidNameError(f"invalid version {version!r} of {name}: versions are 1, 2, 3 ...")
         key = (name, version)
-        if key not in self._manifests:
-            try:
-                raw = self.storage.read(f"{name}/v{version}/manifest.json")
-            except NotFoundError:
-                raise NotFoundError(f"adapter {name}@{version} not found in {self.uri}") from None
-            self._manifests[key] = Manifest.from_json(raw, f"{name}@{version}")
-        return self._manifests[key]
+        hit = self._manifests.get(key)
+        if hit is not None and (max_age is None or time.monotonic() - hit[0] < max_age):
+            return hit[1]
+        try:
+            raw = self.storage.read(f"{name}/v{version}/manifest.json", limit=MAX_MANIFEST_BYTES)
+        except NotFoundError:
+            self._manifests.pop(key, None)
+            raise NotFoundError(f"adapter {name}@{version} not found in {self.uri}") from None
+        except IntegrityError:
+            raise IntegrityError(f"manifest {name}@{version} is invalid: larger than {MAX_MANIFEST_BYTES} bytes") from None
+        except StorageError:
+            if hit is not None:
+                return hit[1]
+            raise
+        m = Manifest.from_json(raw, f"{name}@{version}", name=name, version=version, limits=self.limits)
+        self._manifests[key] = (time.monotonic(), m)
+        return m
 
     def versions(self, name: str) -> list[Manifest]:
         return [self.manifest(name, v) for v in self.version_numbers(name)]
@@ -128,7 +162,7 @@ class AdapterRegistry:
         check_name(name)
         check_alias(alias)
         prefix = f"{name}/aliases/{alias}/"
-        return [AliasEvent(**json.loads(self.storage.read(k))) for k in self.storage.list(prefix)]
+        return [_alias_event(self.storage.read(k, limit=MAX_ENTRY_BYTES), k) for k in self.storage.list(prefix)]
 
     def aliases(self, name: str) -> dict[str, int]:
         """Every alias of name and the version it points at, ``latest`` included."""
@@ -143,22 +177,33 @@ class AdapterRegistry:
                 out[alias] = events[-1].version
         return out
 
-    def resolve(self, ref: str | AdapterRef) -> Manifest:
-        """``NAME``, ``NAME@7`` or ``NAME@prod`` to the manifest of one version."""
+    def resolve(self, ref: str | AdapterRef, *, max_age: float | None = None) -> Manifest:
+        """``NAME``, ``NAME@7`` or ``NAME@prod`` to the manifest of one version (``max_age``: see ``manifest``)."""
         r = AdapterRef.parse(ref) if isinstance(ref, str) else ref
         if r.version is not None:
-            return self.manifest(r.name, r.version)
+            return self.manifest(r.name, r.version, max_age=max_age)
         if r.alias is None:
             visible = self.version_numbers(r.name)
             if not visible:
                 raise NotFoundError(f"adapter {r.name!r} not found in {self.uri}")
-            return self.manifest(r.name, visible[-1])
+            return self.manifest(r.name, visible[-1], max_age=max_age)
         events = self.alias_history(r.name, r.alias)
         if not events or events[-1].version is None:
             if not self.version_numbers(r.name):
                 raise NotFoundError(f"adapter {r.name!r} not found in {self.uri}")
             raise NotFoundError(f"adapter {r.name!r} has no alias {r.alias!r}")
-        return self.manifest(r.name, events[-1].version)
+        return self.manifest(r.name, events[-1].version, max_age=max_age)
+
+    # ---- writing -----------------------------------------------------------------------------
+    def check_exclusive_create(self) -> None:
+        """Before this object's first write: refuse a store whose exclusive create is not exclusive
+        (ConditionalWriteError). Every write path (push, tag, rollback, rm, routes) calls it; it probes once."""
+        if self._exclusive_checked:
+            return
+        with self._probe_lock:
+            if not self._exclusive_checked:
+                check_exclusive_create(self.storage)
+                self._exclusive_checked = True
 
     # ---- pushing ---------------------------------------------------------------------------
     def push(
@@ -191,7 +236,7 @@ class AdapterRegistry:
         )
         if not self.storage.create(f"{name}/v{version}/manifest.json", manifest.to_json()):
             raise StorageError(f"{name}@{version} was published by someone else although this push claimed it")
-        self._manifests[(name, version)] = manifest
+        self._manifests[(name, version)] = (time.monotonic(), manifest)
         event = self.tag(manifest.ref, alias, action="push", by=creator) if alias else None
         return PushResult(manifest, created=True, alias=event)
 
@@ -211,6 +256,7 @@ class AdapterRegistry:
         return None, None
 
     def _claim(self, name: str) -> int:
+        self.check_exclusive_create()
         token = json.dumps({"token": uuid.uuid4().hex, "at": now()}).encode()
         _, claimed = self._numbers(name)
         for _ in range(_MAX_RACE_RETRIES):
@@ -251,6 +297,7 @@ class AdapterRegistry:
         return self._move(name, alias, previous, "rollback", by)
 
     def _move(self, name: str, alias: str, choose: Callable[[list[AliasEvent]], int | None], action: str, by: str | None) -> AliasEvent:
+        self.check_exclusive_create()
         prefix = f"{name}/aliases/{alias}/"
         for _ in range(_MAX_RACE_RETRIES):
             events = self.alias_history(name, alias)
@@ -262,16 +309,33 @@ class AdapterRegistry:
         raise StorageError(f"could not move alias {name}@{alias}: too many concurrent moves")
 
     # ---- removing ----------------------------------------------------------------------------
-    def remove(self, ref: str, *, force: bool = False, by: str | None = None) -> Manifest:
+    def remove(self, ref: str, *, force: bool = False, by: str | None = None) -> Manifest | None:
+        """Make a version invisible and delete its files. Refused (ConflictError) while an alias or an A/B
+        route arm points at it; ``force`` first removes those aliases and those arms (a route left without
+        arms is deleted). The version number is never reused. A version whose manifest is invalid (tampered
+        with) is removed only with ``force``, and then None is returned."""
+        from .routes import RouteStore  # routes builds on this module
+
         r = AdapterRef.parse(ref)
         if r.version is None:
             raise ConflictError(f"rm needs an explicit version (NAME@N), not {ref!r}")
-        manifest = self.manifest(r.name, r.version)
+        pinned = f"{r.name}@{r.version}"
+        try:
+            manifest: Manifest | None = self.manifest(r.name, r.version, max_age=0)
+        except IntegrityError as exc:
+            if not force:
+                raise IntegrityError(f"{exc}; `loraplex rm {pinned} --force` removes it") from None
+            manifest = None
         pointing = sorted(a for a, v in self.aliases(r.name).items() if v == r.version and a != LATEST)
-        if pointing and not force:
-            raise ConflictError(
-                f"{manifest.ref} is pointed at by alias {', '.join(pointing)}; move the alias first or use --force"
-            )
+        routes = RouteStore(self)
+        arms_of = routes.using(pinned)
+        if (pointing or arms_of) and not force:
+            what = ([f"pointed at by alias {', '.join(pointing)}"] if pointing else []) + \
+                   ([f"an arm of route {', '.join(arms_of)}"] if arms_of else [])
+            todo = (["move the alias"] if pointing else []) + (["change the route"] if arms_of else [])
+            raise ConflictError(f"{pinned} is {' and is '.join(what)}; {' and '.join(todo)} first or use --force")
+        for route in arms_of:  # first, so no server keeps routing traffic to the version
+            routes.drop_arm(route, pinned, by=by)
         for alias in pointing:
             self._move(r.name, alias, lambda _e: None, "rm", by)
         # The manifest goes first so the version is invisible before any file disappears.
@@ -301,6 +365,13 @@ class AdapterRegistry:
             raise IncompatibleBaseError(
                 f"{manifest.ref} was made for base model {manifest.base_model} ({fp}), not {base.id} ({base.fingerprint})"
             )
+
+
+def _alias_event(raw: bytes, where: str) -> AliasEvent:
+    try:
+        return AliasEvent(**json.loads(raw))
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise IntegrityError(f"alias entry {where} is unreadable: {type(exc).__name__}: {exc}") from None
 
 
 __all__ = ["AdapterRegistry", "AliasEvent", "PushResult", "WEIGHTS_FILE"]

@@ -12,7 +12,9 @@ start with a letter or digit, so ``AdapterRegistry.names()`` ignores it)::
 
 Every entry is created exclusively (like the alias log): two concurrent ``set`` calls both compute
 entry K+1, one wins, the loser re-reads and appends K+2, so no change is ever lost. The current
-route is the last entry; a ``delete`` entry (no arms) is a tombstone.
+route is the last entry; a ``delete`` entry (no arms) is a tombstone. ``loraplex rm NAME@V`` refuses a
+version that a current route has as an arm; ``rm --force`` appends an ``rm`` entry without that arm
+(or a tombstone when it was the last arm) before the version disappears.
 
 Picking an arm: with a user id, weighted rendezvous hashing (highest random weight). For each arm,
 ``u = sha256(route NAME, arm REF, user)`` mapped into (0, 1) and ``score = -weight / ln(u)``; the
@@ -37,7 +39,7 @@ from numbers import Real
 
 from .errors import ConfigError, IntegrityError, NotFoundError, StorageError
 from .reference import AdapterRef, check_name
-from .registry import AdapterRegistry, default_creator, now
+from .registry import MAX_ENTRY_BYTES, AdapterRegistry, default_creator, now
 
 ROUTES_PREFIX = "_routes"
 MAX_ARMS = 16
@@ -67,7 +69,7 @@ class Route:
     created_at: str
     by: str | None
     seq: int  # position in the route's log, from 1
-    action: str = "set"  # set | delete (a tombstone: no arms)
+    action: str = "set"  # set | rm (an arm removed with its version) | delete (a tombstone: no arms)
 
     @property
     def deleted(self) -> bool:
@@ -185,7 +187,7 @@ class RouteStore:
     def history(self, name: str) -> list[Route]:
         """Every entry of the route's log, oldest first, tombstones (``deleted``) included."""
         check_name(name, "route name")
-        return [Route.from_json(self.storage.read(k), k) for _, k in self._keys(name)]
+        return [Route.from_json(self.storage.read(k, limit=MAX_ENTRY_BYTES), k) for _, k in self._keys(name)]
 
     def get(self, name: str) -> Route | None:
         """The current route, or None if it was never set or was deleted."""
@@ -193,7 +195,7 @@ class RouteStore:
         keys = self._keys(name)
         if not keys:
             return None
-        route = Route.from_json(self.storage.read(keys[-1][1]), keys[-1][1])
+        route = Route.from_json(self.storage.read(keys[-1][1], limit=MAX_ENTRY_BYTES), keys[-1][1])
         return None if route.deleted else route
 
     def get_cached(self, name: str, max_age: float = 5.0) -> Route | None:
@@ -216,6 +218,15 @@ class RouteStore:
                 out.append(n)
         return out
 
+    def using(self, ref: str) -> list[str]:
+        """Names of the current routes with an arm pinned to ``ref`` (``NAME@VERSION``)."""
+        out = []
+        for n in self.storage.children(f"{ROUTES_PREFIX}/"):
+            route = self.get(n) if AdapterRegistry._is_name(n) else None
+            if route is not None and any(a.ref == ref for a in route.arms):
+                out.append(n)
+        return out
+
     # ---- writing ---------------------------------------------------------------------------
     def set(self, name: str, split: Mapping[str, float] | Sequence[tuple[str, float]], by: str | None = None) -> Route:
         """Validate the split, pin every ref to a version, and append it as the route's new entry."""
@@ -229,6 +240,30 @@ class RouteStore:
         if self.get(name) is None:
             raise NotFoundError(f"no route {name!r} in {self.registry.uri}")
         return self._append(name, (), "delete", by)
+
+    def drop_arm(self, name: str, ref: str, by: str | None = None) -> Route | None:
+        """Remove the arm pinned to ref from the current route (``rm --force``): an ``rm`` entry with the
+        other arms, or a tombstone if it was the only one. None if the route has no such arm (any more).
+        Re-reads and retries on a concurrent change, so it never overwrites another writer's split."""
+        check_name(name, "route name")
+        for _ in range(_MAX_RACE_RETRIES):
+            keys = self._keys(name)
+            current = Route.from_json(self.storage.read(keys[-1][1], limit=MAX_ENTRY_BYTES), keys[-1][1]) if keys else None
+            if current is None or current.deleted or not any(a.ref == ref for a in current.arms):
+                return None
+            rest = tuple(a for a in current.arms if a.ref != ref)
+            route = Route(name, rest, now(), by or default_creator(), keys[-1][0] + 1, "rm" if rest else "delete")
+            if self._create(route):
+                return route
+        raise StorageError(f"could not update route {name!r}: too many concurrent changes")
+
+    def _create(self, route: Route) -> bool:
+        self.registry.check_exclusive_create()
+        if self.storage.create(f"{self._prefix(route.name)}{route.seq:010d}.json", route.to_json()):
+            with self._lock:
+                self._cache.pop(route.name, None)
+            return True
+        return False
 
     def _arms(self, split: Mapping[str, float] | Sequence[tuple[str, float]]) -> tuple[Arm, ...]:
         if isinstance(split, Mapping):
@@ -263,14 +298,11 @@ class RouteStore:
 
     def _append(self, name: str, arms: tuple[Arm, ...], action: str, by: str | None) -> Route:
         by = by or default_creator()
-        prefix = self._prefix(name)
         for _ in range(_MAX_RACE_RETRIES):
             keys = self._keys(name)
             seq = (keys[-1][0] if keys else 0) + 1
             route = Route(name, arms, now(), by, seq, action)
-            if self.storage.create(f"{prefix}{seq:010d}.json", route.to_json()):
-                with self._lock:
-                    self._cache.pop(name, None)
+            if self._create(route):
                 return route
         raise StorageError(f"could not update route {name!r}: too many concurrent changes")
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from loraplex.adapters import AdapterCache, AdapterRegistry
 from loraplex.adapters.config import load_settings
+from loraplex.adapters.errors import ConfigError
 from loraplex.adapters.routes import RouteStore
 
 from .api.app import RequestLimits, create_app
@@ -34,17 +35,38 @@ class Server:
             self.backend.close()
 
 
+def check_exposure(host: str, open_: bool, allow_open: bool) -> None:
+    """Refuse an open server (no API keys) on an address other than loopback, unless the operator says so:
+    anyone who reached it could use and administer every adapter."""
+    if not open_ or allow_open or _loopback(host):
+        return
+    raise ConfigError(f"refusing to serve without API keys on {host}: set LORAPLEX_API_KEY or --api-keys-file "
+                      "(or --allow-open to serve it open on purpose)")
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def build_server(settings: ServerSettings) -> Server:
     reg_settings = load_settings(registry=settings.registry)
     registry = AdapterRegistry(reg_settings.registry, cache=AdapterCache(reg_settings.cache))
     keys = KeyStore.load(settings.api_keys_file, settings.api_key)
+    check_exposure(settings.host, keys.is_open, settings.allow_open)
     build = _native_backend if settings.engine == "native" else _vllm_backend
     backend = build(settings, reg_settings, registry)
     info = backend.info["base_info"]
     resolver = Resolver(registry, info.id, info, RouteStore(registry), ttl=settings.registry_ttl)
     limits = RequestLimits(max_body_bytes=settings.max_body_bytes, max_tokens=settings.max_tokens,
                            max_queue=settings.max_queue, request_timeout=settings.request_timeout)
-    app = create_app(backend, resolver, keys=keys, metrics=Metrics(), limits=limits)
+    app = create_app(backend, resolver, keys=keys, metrics=Metrics(), limits=limits, metrics_open=settings.metrics_open)
     resident = backend.info["resident_bytes"]
     log.info("loraplex: base %s (%s engine, %s, %s%s) loaded in %.1f s; registry %s; %s", info.id, settings.engine,
              settings.quantization, settings.device, f", {resident / 1e6:.0f} MB resident" if resident else "",

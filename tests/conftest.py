@@ -97,4 +97,17 @@ def engine_kind(request) -> str:
     return request.param
 
 
+# Fixtures that make a test slow (a live server, a real S3 server, the SmolLM2 conversion): every test using one
+# is marked `slow`, so `pytest -m "not slow"` is the fast layer (about a minute on 2 cores) and CI runs all.
+SLOW_FIXTURES = frozenset({"seaweed", "s3_uri", "engine_kind", "smol_bf16", "smol_cache"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        on_s3 = any(isinstance(v, str) and v == "s3" for v in params.values())  # the S3 half of a folder/S3 pair
+        if SLOW_FIXTURES & set(item.fixturenames) or on_s3:
+            item.add_marker(pytest.mark.slow)
+
+
 __all__ = ["TINY_BASE_CONFIG", "S3Storage"]

@@ -352,3 +352,18 @@ def test_package_checker_reports_planted_mismatches(tmp_path):
     _pyproject(root, [*_PACKAGES, "loraplex.server.vllm"], _PYPROJECT.replace('"loraplex.trainer" = "trainer"',
                                                                               '"loraplex.trainer" = "train"'))
     assert len(package_problems(root)) == 1 and "package-dir" in package_problems(root)[0]
+
+
+def test_test_file_names_are_unique():
+    """Tests are laid out as the packages, and pytest imports each test file by its base name (the test folders
+    are not packages): two test files of one name in two folders would break collection."""
+    tests = Path(__file__).resolve().parent
+    seen: dict[str, Path] = {}
+    clashes = []
+    for f in sorted(tests.rglob("*.py")):
+        if "__pycache__" in f.parts:
+            continue
+        if f.name in seen and f.name != "__init__.py":
+            clashes.append(f"{seen[f.name].relative_to(tests)} and {f.relative_to(tests)}")
+        seen.setdefault(f.name, f)
+    assert clashes == []

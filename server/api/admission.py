@@ -6,11 +6,16 @@ counted as ``rejected`` in the metrics. An admitted request holds a :class:`Tick
 generations it starts (a completion request with a list of prompts starts one per prompt) and gives
 it back exactly once when it ends, however it ends.
 
+A key with ``max_concurrent`` (see ``auth``) may hold at most that many places at once: past it, a 429
+names the key's limit (the server may have room: only that key waits), so one key cannot fill every
+KV slot and the queue.
+
 All of it runs on the event loop's one thread: the counter needs no lock.
 """
 
 from __future__ import annotations
 
+from .auth import Principal
 from .backend import EngineBackend
 from .errors import OverloadedError
 from .metrics import Metrics
@@ -19,16 +24,17 @@ from .metrics import Metrics
 class Ticket:
     """An admitted request's hold on ``n`` places; :meth:`release` gives them back once."""
 
-    __slots__ = ("_admission", "n")
+    __slots__ = ("_admission", "key", "n")
 
-    def __init__(self, admission: Admission, n: int) -> None:
+    def __init__(self, admission: Admission, n: int, key: str | None = None) -> None:
         self._admission = admission
         self.n = n  # places still held (0 once released)
+        self.key = key  # the key's name when its places are counted against its own limit
 
     def release(self) -> None:
         """Give the places back; a second call does nothing."""
         if self.n:
-            self._admission._outstanding -= self.n
+            self._admission._give_back(self.n, self.key)
             self.n = 0
 
 
@@ -42,22 +48,47 @@ class Admission:
         self.max_queue = max_queue  # waiting requests allowed beyond what the engine runs at once
         self.metrics = metrics  # where refusals are counted, if anywhere
         self._outstanding = 0  # places held by admitted requests not yet finished
+        self._per_key: dict[str, int] = {}  # places held per key name, for keys with max_concurrent
 
     @property
     def outstanding(self) -> int:
         return self._outstanding
+
+    def held_by(self, key: str) -> int:
+        """Places the key named ``key`` holds now (counted only for keys with ``max_concurrent``)."""
+        return self._per_key.get(key, 0)
 
     @property
     def capacity(self) -> int:
         """The engine's concurrent requests (its KV slots, read now) plus the queue."""
         return self.backend.stats()["kv_slots_total"] + self.max_queue
 
-    def admit(self, n: int = 1, *, adapter: str = "base", version: str = "") -> Ticket:
-        """Hold ``n`` places, or raise ``OverloadedError`` (429) when they do not fit; ``adapter`` and
-        ``version`` label the refusal in the metrics."""
+    def admit(self, n: int = 1, *, adapter: str = "base", version: str = "", who: Principal | None = None) -> Ticket:
+        """Hold ``n`` places, or raise ``OverloadedError`` (429) when they do not fit the server, or the
+        key ``who`` past its ``max_concurrent``; ``adapter`` and ``version`` label the refusal in the metrics."""
+        limit = who.max_concurrent if who is not None else None
+        key = who.name if limit is not None else None
+        if key is not None and self._per_key.get(key, 0) + n > limit:
+            self._reject(adapter, version)
+            raise OverloadedError(f"API key {key!r} has {self._per_key.get(key, 0)} of its {limit} concurrent "
+                                  f"generations in flight; retry later", 1)
         if self._outstanding + n > self.capacity:
-            if self.metrics is not None:
-                self.metrics.observe_request(adapter, version, "rejected")
+            self._reject(adapter, version)
             raise OverloadedError(f"the server is at capacity ({self._outstanding} requests in flight); retry later", 1)
         self._outstanding += n
-        return Ticket(self, n)
+        if key is not None:
+            self._per_key[key] = self._per_key.get(key, 0) + n
+        return Ticket(self, n, key)
+
+    def _reject(self, adapter: str, version: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_request(adapter, version, "rejected")
+
+    def _give_back(self, n: int, key: str | None) -> None:
+        self._outstanding -= n
+        if key is not None:
+            left = self._per_key.get(key, 0) - n
+            if left > 0:
+                self._per_key[key] = left
+            else:
+                self._per_key.pop(key, None)

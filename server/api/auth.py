@@ -8,13 +8,18 @@ Key file (YAML, or JSON since JSON is YAML)::
     keys:
       - name: acme-app              # shown in logs and metrics instead of the key
         key_sha256: 3f1c...         # preferred: the hex SHA-256 of the key's UTF-8 bytes
-        scopes: [inference]         # inference | admin; default [inference]
+        scopes: [inference]         # inference | admin | metrics; default [inference]
         adapters: ["acme-*", "shared-faq"]   # fnmatch patterns of adapter NAMES; default ["*"]
+        max_concurrent: 8           # generations in flight at once, else 429; default: no limit of its own
       - name: ops
         key: "plain-text-key-at-least-16"   # also accepted (for development); never logged
-        scopes: [inference, admin]
+        scopes: [inference, admin, metrics]
 
-Exactly one of ``key`` and ``key_sha256`` per entry. A single key given as a value (what
+Scopes: ``inference`` (chat, completions, the model list), ``admin`` (load, unload, pin, the adapters
+list, refresh), ``metrics`` (``GET /metrics``, which shows every tenant's adapters and traffic, unless the
+operator opens it). The adapter patterns bind every scope: an admin key with ``acme-*`` loads, unloads,
+pins and lists only ``acme-*`` names. ``max_concurrent`` caps the key's generations in flight (429 past
+it). Exactly one of ``key`` and ``key_sha256`` per entry. A single key given as a value (what
 ``LORAPLEX_API_KEY`` holds; the caller reads the environment) gets every scope and every adapter.
 No file and no key gives an open server: every request is let in with every scope.
 
@@ -37,11 +42,12 @@ from loraplex.adapters.errors import ConfigError, LoraplexError
 
 INFERENCE = "inference"
 ADMIN = "admin"
-SCOPES = (INFERENCE, ADMIN)
+METRICS = "metrics"
+SCOPES = (INFERENCE, ADMIN, METRICS)
 MIN_KEY_LENGTH = 16
 ENV_KEY_NAME = "api-key"  # the name the single key from LORAPLEX_API_KEY has in logs and metrics
 
-_FIELDS = ("name", "key", "key_sha256", "scopes", "adapters")
+_FIELDS = ("name", "key", "key_sha256", "scopes", "adapters", "max_concurrent")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HASH_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _KEY_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces: it travels in an HTTP header
@@ -84,11 +90,13 @@ def generate_key() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who a request acts as: a key's name, its scopes and the adapter name patterns it may use."""
+    """Who a request acts as: a key's name, its scopes, the adapter name patterns it may use and the
+    generations it may have in flight at once (None: no limit of its own)."""
 
     name: str
     scopes: frozenset[str]
     patterns: tuple[str, ...] = ("*",)
+    max_concurrent: int | None = None
 
     def has(self, scope: str) -> bool:
         return scope in self.scopes
@@ -131,10 +139,11 @@ class ApiKey:
     digest: bytes = field(repr=False)
     scopes: frozenset[str]
     patterns: tuple[str, ...]
+    max_concurrent: int | None = None
 
     @property
     def principal(self) -> Principal:
-        return Principal(self.name, self.scopes, self.patterns)
+        return Principal(self.name, self.scopes, self.patterns, self.max_concurrent)
 
 
 # ---- the store ------------------------------------------------------------------------------------
@@ -222,9 +231,12 @@ class KeyStore:
         n = len(self._keys)
         inference = sum(INFERENCE in k.scopes for k in self._keys)
         admin = sum(ADMIN in k.scopes for k in self._keys)
+        metrics = sum(METRICS in k.scopes for k in self._keys)
         restricted = sum("*" not in k.patterns for k in self._keys)
+        limited = sum(k.max_concurrent is not None for k in self._keys)
         tail = f"; {restricted} limited to some adapters" if restricted else ""
-        return f"{n} API key{'s' if n != 1 else ''} ({inference} inference, {admin} admin{tail})"
+        tail += f"; {limited} with a concurrency limit" if limited else ""
+        return f"{n} API key{'s' if n != 1 else ''} ({inference} inference, {admin} admin, {metrics} metrics{tail})"
 
     def authenticate(self, authorization: str | None, x_api_key: str | None = None) -> Principal:
         """The principal of a request, from ``Authorization: Bearer KEY`` or else ``x-api-key: KEY``.
@@ -285,7 +297,7 @@ def _parse_entries(entries, source: str) -> list[ApiKey]:
 
 def _parse_entry(entry, where: str) -> ApiKey:
     if not isinstance(entry, Mapping):
-        raise ConfigError(f"{where}: expected a mapping with name, key or key_sha256, scopes, adapters")
+        raise ConfigError(f"{where}: expected a mapping with name, key or key_sha256, scopes, adapters, max_concurrent")
     name = entry.get("name")
     if isinstance(name, str) and name:
         where = f"{where} ({name})"
@@ -334,7 +346,11 @@ def _parse_entry(entry, where: str) -> ApiKey:
                 f"{where}: invalid adapter pattern {p!r}: use adapter name characters a-z 0-9 . _ - "
                 "and the wildcards * ? [ ] (no @version)"
             )
-    return ApiKey(name, digest, frozenset(scopes), tuple(dict.fromkeys(patterns)))
+
+    limit = entry.get("max_concurrent")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"{where}: max_concurrent must be a whole number >= 1 (or left out: no limit)")
+    return ApiKey(name, digest, frozenset(scopes), tuple(dict.fromkeys(patterns)), limit)
 
 
 def _check_duplicates(keys: Sequence[ApiKey], source: str) -> None:

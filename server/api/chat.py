@@ -25,11 +25,11 @@ async def chat(req: ChatCompletionRequest, request: Request, st: ApiState = Depe
     user = request.headers.get("x-loraplex-user") or req.user
     served = await st.resolve(req, user, who)
     backend, limits = st.backend, st.limits
-    prompt = backend.chat_prompt([m.as_template_input() for m in req.messages])
+    prompt = await st.off_loop(backend.chat_prompt, [m.as_template_input() for m in req.messages])
     max_tokens = min(req.max_completion_tokens or req.max_tokens or limits.max_tokens, limits.max_tokens)
     params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     tok = backend.token_text if req.logprobs else None
-    ticket = st.admission.admit(adapter=served.label, version=served.version)
+    ticket = st.admission.admit(adapter=served.label, version=served.version, who=who)
     rid, created, started = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), time.monotonic()
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -46,4 +46,6 @@ async def chat(req: ChatCompletionRequest, request: Request, st: ApiState = Depe
         ticket.release()
     raise_error(outs[-1])
     record(st.metrics, served, outs, started, None, [], "ok")
-    return JSONResponse(responses.chat_body(rid, created, served, outs, tok), headers=responses.headers(served))
+    body = responses.chat_body(rid, created, served, outs, None) if tok is None \
+        else await st.off_loop(responses.chat_body, rid, created, served, outs, tok)
+    return JSONResponse(body, headers=responses.headers(served))

@@ -34,7 +34,7 @@ async def completions(req: CompletionRequest, request: Request, st: ApiState = D
     params = req.sampling(min(req.max_tokens or 16, limits.max_tokens), req.logprobs)
     if req.stream and len(prompts) != 1:
         raise InvalidAdapterError("streaming takes one prompt per request")
-    ticket = st.admission.admit(len(prompts), adapter=served.label, version=served.version)
+    ticket = st.admission.admit(len(prompts), adapter=served.label, version=served.version, who=who)
     rid, created, started = f"cmpl-{uuid.uuid4().hex}", int(time.time()), time.monotonic()
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -53,6 +53,8 @@ async def completions(req: CompletionRequest, request: Request, st: ApiState = D
     for outs in results:
         raise_error(outs[-1])
         record(st.metrics, served, outs, started, None, [], "ok")
-    tok = backend.token_text if req.logprobs is not None else None
-    return JSONResponse(responses.completion_body(rid, created, served, results, tok),
-                        headers=responses.headers(served))
+    if req.logprobs is None:
+        body = responses.completion_body(rid, created, served, results, None)
+    else:
+        body = await st.off_loop(responses.completion_body, rid, created, served, results, backend.token_text)
+    return JSONResponse(body, headers=responses.headers(served))

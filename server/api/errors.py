@@ -1,18 +1,28 @@
 """Every error the API returns, in OpenAI's envelope, made here and nowhere else:
-``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``."""
+``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``.
+
+What a client reads never locates the registry: a storage failure (its message names the bucket, the
+endpoint or a folder) is a generic 503 and an integrity failure a generic 500, their detail logged
+here; any other message has URIs (``s3://...``, ``file:///...``, ``http://...``) replaced before it leaves.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loraplex.adapters.errors import LoraplexError, NotFoundError
+from loraplex.adapters.errors import IntegrityError, LoraplexError, NotFoundError, StorageError
 
 log = logging.getLogger("loraplex.api")
+
+STORAGE_MESSAGE = "the adapter registry is unavailable; retry later"
+INTEGRITY_MESSAGE = "stored adapter data failed verification; the operator has the details in the server log"
+_URI_RE = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S*")
 
 
 class OverloadedError(LoraplexError):
@@ -40,15 +50,27 @@ def envelope(status: int, message: str, type_: str, param: str | None = None, co
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def scrub(message: str) -> str:
+    """``message`` with every URI replaced (a registry's location is no client's business)."""
+    return _URI_RE.sub("<registry>", message)
+
+
 def from_exception(exc: Exception) -> JSONResponse:
     if isinstance(exc, OverloadedError):
         return envelope(exc.status, exc.message, exc.type, headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, StorageError):
+        log.warning("registry storage failed: %s", exc.message)
+        return envelope(503, STORAGE_MESSAGE, exc.type, headers={"Retry-After": "5"})
+    if isinstance(exc, IntegrityError):
+        log.error("stored adapter data failed verification: %s", exc.message)
+        return envelope(500, INTEGRITY_MESSAGE, exc.type)
     if isinstance(exc, NotFoundError):
-        return envelope(404, exc.message, exc.type, "model", "model_not_found")
+        return envelope(404, scrub(exc.message), exc.type, "model", "model_not_found")
     if isinstance(exc, LoraplexError):
-        return envelope(exc.status, exc.message, exc.type, headers=getattr(exc, "headers", None))
+        return envelope(exc.status, scrub(exc.message), exc.type, headers=getattr(exc, "headers", None))
     if isinstance(exc, ValueError):  # the engine's and SamplingParams' checks of a request
-        return envelope(400, str(exc).splitlines()[0] if str(exc) else "invalid request", "invalid_request_error")
+        message = scrub(str(exc).splitlines()[0]) if str(exc) else "invalid request"
+        return envelope(400, message, "invalid_request_error")
     log.exception("internal error", exc_info=exc)
     return envelope(500, "internal server error", "server_error")
 

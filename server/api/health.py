@@ -1,16 +1,18 @@
 """``GET /health`` (the process answers), ``GET /ready`` (the base model is loaded and served) and
-``GET /metrics`` (Prometheus text: request metrics, engine gauges, adapter cache counters). None of
-them needs an API key."""
+``GET /metrics`` (Prometheus text: request metrics, engine gauges, adapter cache counters). The first two
+need no API key; ``/metrics`` names every tenant's adapters and traffic, so it needs a key with the
+``metrics`` scope unless the operator opened it (``metrics_open``) or the server has no keys at all."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from loraplex.adapters.errors import EngineUnavailableError
 
+from .auth import METRICS
 from .state import ApiState, api_state
 
 router = APIRouter()
@@ -30,10 +32,13 @@ async def ready(st: ApiState = Depends(api_state)):
 
 
 @router.get("/metrics")
-async def metrics_endpoint(st: ApiState = Depends(api_state)):
+async def metrics_endpoint(request: Request, st: ApiState = Depends(api_state)):
+    if not st.metrics_open:
+        st.principal(request, METRICS)
     metrics = st.metrics
     s = st.backend.stats()
     metrics.set_engine(s)
+    metrics.set_registry_stale(st.resolver.stale_served)
     if s.get("cache_hits") is not None:  # an engine that cannot tell (vLLM) leaves the counters unset
         metrics.update_adapter_cache(SimpleNamespace(hits=s["cache_hits"], misses=s["cache_misses"], loads=s["loads"],
                                                      evictions=s["evictions"], load_seconds=s["load_seconds"]))

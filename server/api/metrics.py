@@ -97,6 +97,9 @@ class Metrics:
         self.adapter_cache_misses = Counter("loraplex_adapter_cache_misses_total", "Adapter lookups that started a load.", registry=r)
         self.adapter_loads = Counter("loraplex_adapter_loads_total", "Adapters loaded.", registry=r)
         self.adapter_evictions = Counter("loraplex_adapter_evictions_total", "Adapters evicted from a slot.", registry=r)
+        self.registry_stale = Counter("loraplex_registry_stale_resolutions_total",
+                                      "Adapter resolutions served from the last known state while the registry failed.",
+                                      registry=r)
         self.engine_restarts = Counter("loraplex_engine_restarts_total", "Times the engine died and was restarted.",
                                        registry=r)
         self.adapter_load_seconds = Histogram("loraplex_adapter_load_seconds", "Time to load an adapter.",
@@ -172,6 +175,11 @@ class Metrics:
                 if value is not None:
                     getattr(self, gauge).set(value)
                     break
+
+    def set_registry_stale(self, total: int) -> None:
+        """Advance the stale-while-error counter to the resolver's cumulative total."""
+        with self._lock:
+            self._advance("registry_stale", self.registry_stale, total)
 
     def set_adapter_cache(self, hits: int, misses: int, loads: int, evictions: int,
                           load_seconds_new: Iterable[float] = ()) -> None:

@@ -26,7 +26,7 @@ async def models(request: Request, st: ApiState = Depends(api_state)):
     resolver = st.resolver
     created = int(time.time())
     ids = await run_in_threadpool(resolver.listing)
-    visible = [i for i in ids if who.may_use(i.partition("@")[0])]
+    visible = who.visible(ids)
     data = [_model(resolver.base_id, created, None)]
     data += [_model(i, created, resolver.base_id) for i in visible]
     return {"object": "list", "data": data}

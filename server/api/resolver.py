@@ -4,16 +4,25 @@
 its latest version. ``NAME@7``, ``NAME@prod``: that version, that alias. ``BASE:NAME...``: the same,
 with the base named. Names loaded through the admin API resolve to their folder. Every adapter is
 pinned to ``NAME@VERSION`` here, so a request finishes on the version it started with whatever
-moves meanwhile. Registry reads (aliases, latest, routes) are cached for ``ttl`` seconds; manifests
-of versions are immutable and cached for good; ``refresh()`` drops the cache.
+moves meanwhile. Registry reads (aliases, latest, versions, routes) are cached for ``ttl`` seconds (so
+a removed version stops resolving within ``ttl``), at most ``MAX_CACHED`` of them; ``refresh()`` drops
+the cache.
 
 ``resolve`` turns a whole request body (``model``, or an ``adapters`` mixture, or their ``merge``)
 into what the engine serves, checked against the caller's key; ``add_local``/``remove_local`` are
 the admin API's load and unload.
+
+Tenant isolation: every name is authorized as the client wrote it (``BASE:NAME@TAG`` -> ``NAME``, a
+route's name too) before anything looks it up, so a name outside the key's patterns never reaches the
+registry, and its 404 is byte for byte the one of a name that does not exist: both are built from the
+text the client sent (:func:`missing`), never from what it resolved to, and never name the registry.
+A name the registry does not hold is remembered for ``negative_ttl`` seconds, so asking again for an
+absent name does not reach the registry either.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -21,12 +30,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplex.adapters import AdapterRef, AdapterRegistry, BaseModelInfo
-from loraplex.adapters.errors import InvalidAdapterError, InvalidNameError, NotFoundError
+from loraplex.adapters.errors import (IncompatibleBaseError, InvalidAdapterError, InvalidNameError, NotFoundError,
+                                      StorageError)
 from loraplex.adapters.manifest import Manifest
 from loraplex.adapters.reference import check_name
 from loraplex.adapters.spec import validate_adapter
 
 from .auth import Principal
+
+log = logging.getLogger("loraplex.api")
+
+MAX_CACHED = 4096  # registry lookups remembered at once (found or absent); the oldest go first
+NEGATIVE_TTL = 2.0  # seconds an absent name is remembered, at most (never longer than ``ttl``)
+
+
+def missing(asked: str) -> NotFoundError:
+    """The one 404 of a model a key may not see: absent, forbidden, unparsable, or its route arm gone."""
+    return NotFoundError(f"the model `{asked}` does not exist")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,30 +72,55 @@ class Served:
 
 class Resolver:
     def __init__(self, registry: AdapterRegistry | None, base_id: str, base_info: BaseModelInfo | None,
-                 routes=None, ttl: float = 5.0) -> None:
+                 routes=None, ttl: float = 5.0, negative_ttl: float | None = None) -> None:
         self.registry = registry
         self.base_id = base_id
         self.base_info = base_info
         self.routes = routes  # adapters.routes.RouteStore or None
-        self.ttl = ttl
+        self.ttl = ttl  # seconds a found alias, latest version, version or route is reused
+        self.negative_ttl = min(ttl, NEGATIVE_TTL) if negative_ttl is None else negative_ttl  # ... an absent one
         self.local: dict[str, str] = {}  # admin-loaded name -> folder (through add_local/remove_local)
-        self._cache: dict[tuple, tuple[float, object]] = {}
+        self._cache: dict[tuple, tuple[float, object, bool]] = {}  # key -> (when, value, absent)
         self._lock = threading.Lock()
+        self.stale_served = 0  # resolutions answered from a stale entry because the registry failed
 
     def refresh(self) -> None:
         with self._lock:
             self._cache.clear()
 
     def _cached(self, key: tuple, load):
+        """``load()``, reused for ``ttl`` seconds; a ``NotFoundError`` is remembered (and raised again)
+        for ``negative_ttl`` seconds. Stale-while-error: when the registry fails (``StorageError``: S3 down,
+        timeouts) and a resolution is remembered, however old, it is served again (counted in
+        ``stale_served``), so adapters in use keep serving through a registry outage."""
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
-            if hit and now - hit[0] < self.ttl:
+            if hit is not None and now - hit[0] < (self.negative_ttl if hit[2] else self.ttl):
+                if hit[2]:
+                    raise NotFoundError("absent")
                 return hit[1]
-        value = load()
-        with self._lock:
-            self._cache[key] = (now, value)
+        try:
+            value = load()
+        except NotFoundError:
+            self._remember(key, (now, None, True))
+            raise
+        except StorageError:
+            if hit is None or hit[2]:
+                raise
+            log.warning("registry unavailable; serving the last known resolution of %s", key)
+            with self._lock:
+                self.stale_served += 1
+            return hit[1]
+        self._remember(key, (now, value, False))
         return value
+
+    def _remember(self, key: tuple, entry: tuple[float, object, bool]) -> None:
+        with self._lock:
+            self._cache.pop(key, None)
+            self._cache[key] = entry
+            while len(self._cache) > MAX_CACHED:  # oldest first (insertion order)
+                self._cache.pop(next(iter(self._cache)))
 
     def is_base(self, model: str) -> bool:
         return model in ("base", self.base_id)
@@ -88,27 +133,52 @@ class Resolver:
             raise NotFoundError(f"the model `{model}` does not exist: this server serves base model {self.base_id}")
         return model
 
-    def target(self, ref: str, user: str | None = None) -> Target:
-        """An adapter reference to one pinned version."""
-        ref = self.strip_base(ref)
+    def authorize(self, asked: str, who: Principal) -> str:
+        """The reference ``asked`` names without its base (``BASE:NAME@TAG`` -> ``NAME@TAG``), once ``who``
+        may use its name; else :func:`missing` (404), the same as for a name that does not exist. Looks
+        nothing up."""
+        ref = self.strip_base(asked)
+        if not who.may_use(ref):
+            raise missing(asked)
+        return ref
+
+    def target(self, asked: str, user: str | None, who: Principal) -> Target:
+        """The adapter reference a client wrote (``NAME``, ``NAME@7``, ``NAME@prod``, ``BASE:...``, a route,
+        an admin-loaded name) to one pinned version, for the key ``who``. Authorized before anything is
+        looked up; every refusal names only ``asked``."""
+        ref = self.authorize(asked, who)
+        try:
+            t = self._target(ref, user)
+        except NotFoundError:  # absent, an unparsable name, a route arm gone: without the registry's location
+            raise missing(asked) from None
+        except IncompatibleBaseError:  # the stored base may be a path of the machine that pushed it
+            raise IncompatibleBaseError(f"the model `{asked}` was made for a different base model, "
+                                        f"not {self.base_id}") from None
+        if not who.may_use(t.name):  # a route whose arm is another adapter, outside the key's patterns
+            raise missing(asked)
+        return t
+
+    def _target(self, ref: str, user: str | None) -> Target:
         if ref in self.local:
             return Target(self.local[ref], ref, ref, "local")
         try:
             r = AdapterRef.parse(ref)
         except InvalidNameError:
-            raise NotFoundError(f"the model `{ref}` does not exist") from None
+            raise NotFoundError(ref) from None
         if self.registry is None:
-            raise NotFoundError(f"the model `{ref}` does not exist")
+            raise NotFoundError(ref)
         if r.version is None and r.alias is None and self.routes is not None:
             route = self._cached(("route", r.name), lambda: self.routes.get(r.name))
             if route is not None:
                 arm = route.pick(user)
-                return self._pinned(self.registry.resolve(arm.ref))
-        try:
-            manifest = self._cached(("ref", str(r)), lambda: self.registry.resolve(r)) if r.version is None \
-                else self.registry.manifest(r.name, r.version)
-        except NotFoundError:  # without the registry's location in the message
-            raise NotFoundError(f"the model `{ref}` does not exist") from None
+                return self._pinned(self._cached(("ref", arm.ref),
+                                                 lambda: self.registry.resolve(arm.ref, max_age=self.ttl)))
+        # max_age: a version removed by another process stops resolving within ttl (its manifest is re-read)
+        if r.version is None:
+            manifest = self._cached(("ref", str(r)), lambda: self.registry.resolve(r, max_age=self.ttl))
+        else:
+            manifest = self._cached(("ref", str(r)), lambda: self.registry.manifest(r.name, r.version,
+                                                                                     max_age=self.ttl))
         return self._pinned(manifest)
 
     def _pinned(self, m: Manifest) -> Target:
@@ -120,16 +190,16 @@ class Resolver:
                 add_merge: Callable[[list[str], dict], str] | None = None) -> Served:
         """A request body (chat or completion: ``model``, ``adapters``, ``merge``) to what the engine
         serves. ``who`` must be allowed every adapter named, else the adapter does not exist for it
-        (404). ``add_merge`` is the engine's ``add_merge``, for ``merge``. Blocks on registry reads:
-        call it from a worker thread."""
+        (404), checked for all of them before any is looked up. ``add_merge`` is the engine's
+        ``add_merge``, for ``merge``. May block on registry reads (not for the base model alone): call it
+        from a worker thread."""
         if req.adapters:
             if not self.is_base(req.model):
                 raise InvalidAdapterError("with `adapters`, set `model` to the base model "
                                           f"({self.base_id}) or `base`")
-            targets = [self.target(a.name, user) for a in req.adapters]
-            for t in targets:
-                if not who.may_use(t.name):
-                    raise NotFoundError(f"the model `{t.display}` does not exist")
+            for a in req.adapters:  # every member authorized before any is looked up
+                self.authorize(a.name, who)
+            targets = [self.target(a.name, user, who) for a in req.adapters]
             weights = [a.weight for a in req.adapters]
             if req.merge is not None:
                 if add_merge is None:
@@ -143,9 +213,7 @@ class Resolver:
             raise InvalidAdapterError("`merge` needs the `adapters` to merge")
         if self.is_base(req.model):
             return Served([], self.base_id, "base", "")
-        t = self.target(req.model, user)
-        if not who.may_use(t.name):
-            raise NotFoundError(f"the model `{req.model}` does not exist")
+        t = self.target(req.model, user, who)
         return Served([(t.engine_name, 1.0)], t.display, t.name, t.version, [t])
 
     def add_local(self, name: str, path: str | Path, check: Callable[[str], None] | None = None) -> str:
@@ -163,7 +231,7 @@ class Resolver:
     def remove_local(self, name: str) -> None:
         """Stop serving an admin-loaded name; 404 when there is none."""
         if self.local.pop(name, None) is None:
-            raise NotFoundError(f"the model `{name}` does not exist")
+            raise missing(name)
 
     def listing(self) -> list[str]:
         """Every servable model id: each adapter, each of its versions and aliases, and local names."""

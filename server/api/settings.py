@@ -38,6 +38,10 @@ class ServerSettings(BaseSettings):
     api_keys_file: Path | None = Field(default=None, description="YAML file of API keys, scopes and adapter patterns "
                                                                  "(none, and no api_key: an open server)")
     api_key: str | None = Field(default=None, description="one key with every scope and adapter")
+    allow_open: bool = Field(default=False, description="serve without API keys on an address other than loopback "
+                                                        "(anyone who reaches it may use and administer every adapter)")
+    metrics_open: bool = Field(default=False, description="serve GET /metrics without a key (it names every "
+                                                          "tenant's adapters; else a key with the metrics scope)")
     max_loras: int = Field(default=8, ge=1, description="adapters resident in device slots at once")
     max_lora_rank: int = Field(default=64, ge=1, description="the largest adapter rank served")
     max_cpu_loras: int = Field(default=32, ge=1, description="adapters kept in host memory")

@@ -4,7 +4,10 @@ request limits and the admission queue, kept on ``app.state`` and handed to rout
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -16,6 +19,8 @@ from .metrics import Metrics
 from .resolver import Resolver, Served
 
 __all__ = ["ApiState", "RequestLimits", "api_state"]
+
+TEXT_WORKERS = 2  # threads for chat templates and logprob detokenization (apart from the registry's threadpool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +43,9 @@ class ApiState:
     metrics: Metrics  # Prometheus counters and histograms
     limits: RequestLimits
     admission: Admission  # the bounded queue in front of the engine
+    metrics_open: bool = False  # GET /metrics without a key (else it needs the ``metrics`` scope)
+    text_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(TEXT_WORKERS, thread_name_prefix="loraplex-text"))
 
     def principal(self, request: Request, scope: str) -> Principal:
         """Who the request acts as; 401 without a valid key, 403 without ``scope``."""
@@ -45,9 +53,16 @@ class ApiState:
         p.require(scope)
         return p
 
+    async def off_loop(self, fn, *args):
+        """``fn(*args)`` on the text workers: CPU work of one request (a chat template over many messages,
+        detokenizing logprobs) that would stall every stream if it ran on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.text_pool, functools.partial(fn, *args))
+
     async def resolve(self, req, user: str | None, who: Principal) -> Served:
         """The request body's ``model`` (or ``adapters``/``merge``) to pinned adapters, off the event loop
-        (registry reads may block)."""
+        (registry reads may block); the base model alone is answered here, never waiting on the registry."""
+        if not req.adapters and req.merge is None and self.resolver.is_base(req.model):
+            return self.resolver.resolve(req, user, who)
         return await run_in_threadpool(self.resolver.resolve, req, user, who, add_merge=self.backend.add_merge)
 
 

@@ -97,6 +97,7 @@ def folder_cli(tmp_path) -> Cli:
 
 
 # ---- the whole lifecycle -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_lifecycle(cli, make_adapter, base_dir, tmp_path):
     a = make_adapter(seed=0)
     b = make_adapter(seed=1)
@@ -216,6 +217,7 @@ def test_lifecycle(cli, make_adapter, base_dir, tmp_path):
 
 
 # ---- errors ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_registry_errors_are_one_line(cli, make_adapter, base_dir, tmp_path):
     """Errors that need a registry holding something, on both backends; every case is checked, then reported."""
     a = make_adapter()

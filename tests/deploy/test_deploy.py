@@ -130,7 +130,7 @@ def test_compose_structure():
         for port in svc.get("ports", []):
             assert isinstance(port, (str, int)), f"{name}: port {port!r}"
             if isinstance(port, str):
-                assert re.fullmatch(r"(\d+:)?\d+(/(tcp|udp))?", port), f"{name}: port {port!r}"
+                assert re.fullmatch(r"(\d+\.\d+\.\d+\.\d+:)?(\d+:)?\d+(/(tcp|udp))?", port), f"{name}: port {port!r}"
         for vol in svc.get("volumes", []):
             source = vol.split(":")[0] if isinstance(vol, str) else vol["source"]
             if source.startswith((".", "/")):
@@ -149,7 +149,7 @@ def test_compose_loraplex_points_at_seaweedfs():
     assert env["LORAPLEX_HOME"] == "/data/loraplex"
     registry = env["LORAPLEX_REGISTRY"]
     assert registry.startswith("s3://") and "endpoint_url=http://seaweedfs:8333" in registry
-    assert "8333:8333" in compose["services"]["seaweedfs"]["ports"]
+    assert compose["services"]["seaweedfs"]["ports"] == ["127.0.0.1:8333:8333"]  # placeholder credentials: loopback only
     # the credentials the server uses are an identity in the SeaweedFS S3 config
     s3 = json.loads((DEPLOY / "seaweedfs" / "s3.json").read_text())
     creds = {(c["accessKey"], c["secretKey"]) for i in s3["identities"] for c in i["credentials"]}
@@ -349,6 +349,30 @@ def test_k8s_ingress_hashes_on_adapter_header():
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend["name"] == _k8s("Service")["metadata"]["name"]
     assert "X-Loraplex-Adapter-Key" in (DEPLOY / "README.md").read_text()
+
+
+def test_public_ingress_serves_inference_only():
+    """Admin routes and /metrics stay inside the cluster: every public path is an inference endpoint, and the
+    app's own admin paths match none of them."""
+    from loraplex.server.api.app import create_app
+    from loraplex.server.api.auth import KeyStore
+    from loraplex.server.api.metrics import Metrics
+    from loraplex.server.api.resolver import Resolver
+    from loraplex.server.api.scripted import ScriptedBackend
+
+    paths = [(p["path"], p["pathType"]) for r in _k8s("Ingress")["spec"]["rules"] for p in r["http"]["paths"]]
+    assert {p for p, _ in paths} == {"/v1/chat/completions", "/v1/completions", "/v1/models"}
+    assert all(kind == "Exact" for _, kind in paths)
+    app = create_app(ScriptedBackend(), Resolver(None, "b", None), keys=KeyStore.open(), metrics=Metrics())
+    routes = {getattr(r, "path", "") for r in app.routes}
+    admin = {r for r in routes if "admin" in r or "adapter" in r or r == "/metrics"}
+    assert admin and not admin & {p for p, _ in paths}
+
+
+def test_compose_requires_an_api_key():
+    """The server listens on every interface in compose: `up` stops with a message unless a key is set."""
+    env = _compose()["services"]["loraplex"]["environment"]
+    assert re.fullmatch(r"\$\{LORAPLEX_API_KEY:\?.+\}", env["LORAPLEX_API_KEY"]), env["LORAPLEX_API_KEY"]
 
 
 # ---- Dockerfile, README and the served command -------------------------------------------------------------

@@ -27,7 +27,9 @@ def test_every_setting_has_its_flag():
             continue
         assert field.description, f"{name} needs a description (it is the flag's help)"
         action = actions[name]
-        assert action.option_strings == ["--" + name.replace("_", "-")]
+        flag = "--" + name.replace("_", "-")
+        no = ["--no-" + name.replace("_", "-")] if field.annotation is bool else []  # --metrics-open, --no-metrics-open
+        assert action.option_strings == [flag] + no
         assert action.default is None
         if name != "registry":  # the --registry every command takes
             assert field.description in action.help and f"LORAPLEX_{name.upper()}" in action.help
@@ -64,3 +66,39 @@ def test_flag_types_follow_the_annotation():
     assert commands._flag_type(Literal["a", "b"] | None) == {"choices": ["a", "b"], "type": str}
     assert commands._flag_type(bool) == {"action": argparse.BooleanOptionalAction}
     assert commands._flag_type(Path | None) == {} and commands._flag_type(str) == {}
+
+
+# ---- an open server only where nobody else can reach it ----------------------------------------------------
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from loraplex.server.server import check_exposure  # noqa: E402
+
+EXPOSURE = [
+    # host, open (no keys), --allow-open, refused
+    ("127.0.0.1", True, False, False), ("localhost", True, False, False), ("::1", True, False, False),
+    ("127.0.0.2", True, False, False), ("0.0.0.0", True, False, True), ("::", True, False, True),
+    ("10.1.2.3", True, False, True), ("my-host.example", True, False, True), ("0.0.0.0", True, True, False),
+    ("0.0.0.0", False, False, False),
+]
+
+
+@pytest.mark.parametrize("host, open_, allow, refused", EXPOSURE)
+def test_an_open_server_is_refused_off_loopback(host, open_, allow, refused):
+    from loraplex.adapters.errors import ConfigError
+
+    if refused:
+        with pytest.raises(ConfigError, match="--allow-open"):
+            check_exposure(host, open_, allow)
+    else:
+        check_exposure(host, open_, allow)
+
+
+def test_serve_on_every_interface_without_a_key_is_one_line(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LORAPLEX_HOME": str(tmp_path / "home")}
+    p = subprocess.run([sys.executable, "-m", "loraplex", "serve", "--host", "0.0.0.0", "--port", "1"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stdout == "" and p.stderr.count("\n") == 1, p
+    assert p.stderr.startswith("loraplex: error: refusing to serve without API keys on 0.0.0.0"), p.stderr

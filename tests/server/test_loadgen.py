@@ -134,6 +134,7 @@ def live(tmp_path_factory):
         server.stop()
 
 
+@pytest.mark.slow
 def test_live_sweep_plot_compare_and_cold_probe(live, tmp_path, capsys):
     from loraplex.server.commands import cmd_bench
 

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from server_fixtures import save_tiny_base
 from cli_checks import one_line_error
 
+pytestmark = pytest.mark.slow  # real training runs (SmolLM2-shaped tiny models, subprocesses)
+
 def env(**extra) -> dict:
     """The environment at call time (the S3 fixture sets its credentials with monkeypatch), without progress bars."""
     return {**os.environ, "LORAPLEX_PROGRESS": "0", **extra}

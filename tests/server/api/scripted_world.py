@@ -27,6 +27,9 @@ from loraplex.server.api.scripted import ScriptedBackend
 
 ADMIN_KEY = "ops-admin-key-000000001"  # inference + admin, every adapter
 ACME_KEY = "acme-inference-key-0001"  # inference, acme-* only
+ACME_ADMIN_KEY = "acme-admin-key-0000001"  # inference + admin, acme-* only (a tenant's admin)
+METRICS_KEY = "scraper-metrics-key-001"  # metrics only
+LIMITED_KEY = "acme-limited-key-000001"  # inference, acme-* only, at most 2 generations in flight
 MSG = [{"role": "user", "content": "say something"}]
 
 
@@ -36,7 +39,7 @@ class World:
     base: Path  # the tiny base's config folder
     registry: AdapterRegistry  # helper@1 (alias prod), helper@2, acme-bot@1
     folders: dict[str, Path]  # adapter folders by name (also for the admin load)
-    keyfile: Path  # ADMIN_KEY and ACME_KEY
+    keyfile: Path  # ADMIN_KEY, ACME_KEY, ACME_ADMIN_KEY, METRICS_KEY, LIMITED_KEY
 
 
 @dataclass
@@ -71,18 +74,23 @@ def world(tmp_path_factory) -> World:
     keyfile.write_text(yaml.safe_dump({"keys": [
         {"name": "acme", "key_sha256": hash_key(ACME_KEY), "scopes": ["inference"], "adapters": ["acme-*"]},
         {"name": "ops", "key": ADMIN_KEY, "scopes": ["inference", "admin"]},
+        {"name": "acme-ops", "key": ACME_ADMIN_KEY, "scopes": ["inference", "admin"], "adapters": ["acme-*"]},
+        {"name": "scraper", "key": METRICS_KEY, "scopes": ["metrics"]},
+        {"name": "acme-limited", "key": LIMITED_KEY, "adapters": ["acme-*"], "max_concurrent": 2},
     ]}))
     return World(root, base, registry, folders, keyfile)
 
 
-def make_api(world: World, *, keyed: bool = False, limits: RequestLimits = RequestLimits(), **backend_kw) -> Api:
+def make_api(world: World, *, keyed: bool = False, limits: RequestLimits = RequestLimits(), metrics_open: bool = False,
+             **backend_kw) -> Api:
     """An app over a fresh ScriptedBackend; ``keyed``: guarded by the world's key file, else open."""
     info = resolve_base_model(str(world.base))
     backend = ScriptedBackend(info.id, **backend_kw)
     resolver = Resolver(world.registry, info.id, info, ttl=0.0)
     keys = KeyStore.from_file(world.keyfile) if keyed else KeyStore.open()
     metrics = Metrics()
-    return Api(create_app(backend, resolver, keys=keys, metrics=metrics, limits=limits), backend, resolver, metrics)
+    app = create_app(backend, resolver, keys=keys, metrics=metrics, limits=limits, metrics_open=metrics_open)
+    return Api(app, backend, resolver, metrics)
 
 
 def run(coro):

@@ -30,10 +30,11 @@ keys:
     adapters: ["acme-*", "shared-faq"]
   - name: ops
     key: "{OPS_KEY}"
-    scopes: [inference, admin]
+    scopes: [inference, admin, metrics]
   - name: globex
     key_sha256: {hash_key(GLOBEX_KEY).upper()}
     adapters: ["globex-*"]
+    max_concurrent: 4
 """
 
 
@@ -47,7 +48,7 @@ def store(tmp_path) -> KeyStore:
 def test_file_parses(store):
     assert not store.is_open and len(store) == 3
     assert store.names == ["acme-app", "ops", "globex"]
-    assert store.describe() == "3 API keys (3 inference, 1 admin; 2 limited to some adapters)"
+    assert store.describe() == "3 API keys (3 inference, 1 admin, 1 metrics; 2 limited to some adapters; 1 with a concurrency limit)"
     for key in (ACME_KEY, OPS_KEY, GLOBEX_KEY, hash_key(ACME_KEY)):
         assert key not in store.describe() and key not in repr(store._keys)
 
@@ -58,7 +59,7 @@ def test_json_file(tmp_path):
     s = KeyStore.from_file(path)
     p = s.authenticate(f"Bearer {ACME_KEY}")
     assert p.name == "a" and p.scopes == {"admin"} and p.patterns == ("*",)
-    assert s.describe() == "1 API key (0 inference, 1 admin)"
+    assert s.describe() == "1 API key (0 inference, 1 admin, 0 metrics)"
 
 
 def _entry(**kw):
@@ -87,6 +88,10 @@ BAD = [
     ({"keys": [_entry(), _entry(name="k2", key=..., key_sha256=hash_key(ACME_KEY))]}, "are the same key"),
     ({"keys": [_entry(adapters=["acme-*@prod"])]}, "invalid adapter pattern 'acme-*@prod'"),
     ({"keys": [_entry(adapters=[])]}, "adapters must be a non-empty list"),
+    ({"keys": [_entry(max_concurrent=0)]}, "max_concurrent must be a whole number >= 1"),
+    ({"keys": [_entry(max_concurrent=2.5)]}, "max_concurrent must be a whole number >= 1"),
+    ({"keys": [_entry(max_concurrent="8")]}, "max_concurrent must be a whole number >= 1"),
+    ({"keys": [_entry(max_concurrent=True)]}, "max_concurrent must be a whole number >= 1"),
     ({"keys": ["just-a-string"]}, "keys[0]: expected a mapping"),
     ({"keys": []}, "'keys' is empty"),
     ({"keys": {"name": "k"}}, "'keys' must be a list"),
@@ -171,6 +176,9 @@ def test_scopes(store):
     acme.require("inference")
     ops.require("inference")
     ops.require("admin")
+    ops.require("metrics")
+    with pytest.raises(PermissionDeniedError):
+        acme.require("metrics")
     with pytest.raises(PermissionDeniedError) as exc:
         acme.require("admin")
     assert (exc.value.status, exc.value.type) == (403, "permission_error")
@@ -193,6 +201,12 @@ def test_patterns_and_visible(store):
     assert Principal("p", frozenset({"inference"}), ("[ab]-?",)).visible(["a-1", "b-2", "c-3", "a-12"]) == ["a-1", "b-2"]
 
 
+def test_max_concurrent(store):
+    assert store.authenticate(f"Bearer {GLOBEX_KEY}").max_concurrent == 4
+    assert store.authenticate(f"Bearer {ACME_KEY}").max_concurrent is None  # no limit of its own
+    assert KeyStore.open().authenticate(None).max_concurrent is None
+
+
 def test_open_store():
     s = KeyStore.open()
     assert s.is_open and len(s) == 0
@@ -201,15 +215,17 @@ def test_open_store():
         p = s.authenticate(*args)
         p.require("admin")
         p.require("inference")
+        p.require("metrics")
         assert p.may_use("anything") and p.visible(["a", "b"]) == ["a", "b"]
     assert KeyStore.load().is_open
 
 
 def test_single_api_key(tmp_path):
     s = KeyStore.load(api_key=f"  {OPS_KEY}\n")
-    assert s.describe() == "1 API key (1 inference, 1 admin)"
+    assert s.describe() == "1 API key (1 inference, 1 admin, 1 metrics)"
     p = s.authenticate(f"Bearer {OPS_KEY}")
-    assert p.name == "api-key" and p.scopes == {"inference", "admin"} and p.may_use("anything")
+    assert p.name == "api-key" and p.scopes == {"inference", "admin", "metrics"} and p.may_use("anything")
+    assert p.max_concurrent is None
     with pytest.raises(AuthenticationError):
         s.authenticate(f"Bearer {ACME_KEY}")
     for bad, msg in [("", "empty key"), ("   ", "empty key"), ("short", "shorter than 16")]:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from loraplex.server.api.auth import hash_key
+from loraplex.server.api.errors import STORAGE_MESSAGE
 from server_fixtures import LiveServer
 from test_server import BASE, MSG, settings, world  # noqa: F401  (the module fixture)
 
@@ -70,6 +71,12 @@ def test_tenant_isolation_is_a_404(keyed):
     assert {m.id for m in globex.models.list().data} >= {"helper", "other"}
 
 
+def test_metrics_need_a_key_with_the_metrics_scope(keyed):
+    assert httpx.get(keyed.url + "/metrics").status_code == 401
+    r = httpx.get(keyed.url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert r.status_code == 403 and "'metrics' scope" in r.json()["error"]["message"]
+
+
 def test_overload_answers_429_with_retry_after(world):  # noqa: F811
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORAPLEX_HOME", str(world["root"] / "home"))
@@ -127,7 +134,8 @@ def test_adapter_for_another_base_is_refused(world, tmp_path):  # noqa: F811
         s = LiveServer(settings(world))
     try:
         r = httpx.post(s.url + "/v1/completions", json={"model": "foreign", "prompt": "w3", "max_tokens": 1})
-        assert r.status_code == 400 and "was made for base model" in r.json()["error"]["message"], r.text
+        assert r.status_code == 400 and "made for a different base model" in r.json()["error"]["message"], r.text
+        assert str(other) not in r.text and "foreign@" not in r.text  # neither the pusher's path nor the version
     finally:
         s.stop()
 
@@ -144,7 +152,8 @@ def test_registry_down_is_a_503(world):  # noqa: F811
         s = LiveServer(cfg)
     try:
         r = httpx.post(s.url + "/v1/completions", json={"model": "helper", "prompt": "w3", "max_tokens": 1}, timeout=120)
-        assert r.status_code == 503 and "cannot reach S3" in r.json()["error"]["message"], r.text
+        assert r.status_code == 503 and r.json()["error"]["message"] == STORAGE_MESSAGE, r.text
+        assert f"127.0.0.1:{closed}" not in r.text and "s3://" not in r.text and "down" not in r.text
         ok = httpx.post(s.url + "/v1/completions", json={"model": BASE, "prompt": "w3", "max_tokens": 1})
         assert ok.status_code == 200  # the base model keeps serving
     finally:
