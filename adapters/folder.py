@@ -50,15 +50,29 @@ class FolderStorage:
         except OSError as exc:
             raise StorageError(f"cannot read {key} from {self.uri}: {exc.strerror}") from None
 
+    def _open_tmp(self, target: Path):
+        """A new temporary file beside ``target``, open for writing: (path, file). Retries when the folder
+        vanishes between its mkdir and the open: a concurrent ``delete`` removes folders it leaves empty."""
+        for attempt in range(8):
+            tmp = self._tmp(target)
+            try:
+                return tmp, tmp.open("wb")
+            except FileNotFoundError:
+                if attempt == 7:
+                    raise
+        raise AssertionError("unreachable")
+
     def _write_tmp(self, target: Path, data: bytes) -> Path:
-        tmp = self._tmp(target)
+        tmp = None
         try:
-            with tmp.open("wb") as f:
+            tmp, f = self._open_tmp(target)
+            with f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write {target.name} to {self.uri}: {exc.strerror}") from None
         return tmp
 
@@ -83,20 +97,23 @@ class FolderStorage:
 
     def upload(self, key: str, path: Path, progress: Progress | None = None) -> None:
         target = self._path(key)
-        tmp = self._tmp(target)
+        tmp = None
         try:
-            with Path(path).open("rb") as src, tmp.open("wb") as dst:
-                while chunk := src.read(_CHUNK):
-                    dst.write(chunk)
-                    if progress:
-                        progress(len(chunk))
-                dst.flush()
-                os.fsync(dst.fileno())
+            with Path(path).open("rb") as src:
+                tmp, dst = self._open_tmp(target)
+                with dst:
+                    while chunk := src.read(_CHUNK):
+                        dst.write(chunk)
+                        if progress:
+                            progress(len(chunk))
+                    dst.flush()
+                    os.fsync(dst.fileno())
             os.replace(tmp, target)
         except OSError as exc:
             raise StorageError(f"cannot store {key} in {self.uri}: {exc.strerror}") from None
         finally:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
     def download(self, key: str, path: Path, progress: Progress | None = None, limit: int | None = None) -> None:
         try:
@@ -143,7 +160,7 @@ class FolderStorage:
         parent = target.parent
         while parent != self.root:
             try:
-                parent.rmdir()  # only if empty: never races with a writer's temporary file
+                parent.rmdir()  # only if empty; a writer whose folder vanishes before its open retries (_open_tmp)
             except OSError:
                 break
             parent = parent.parent

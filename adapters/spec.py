@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .basemodel import BaseModelInfo
 from .errors import IncompatibleBaseError, InvalidAdapterError
-from .tensorfile import FLOAT_DTYPES, TensorFile, non_finite_tensors, read_header
+from .tensorfile import DTYPE_SIZES, FLOAT_DTYPES, TensorFile, read_header
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -32,12 +32,23 @@ CONVERT_HINT = (
 )
 
 
+# The largest magnitude an adapter may hold, in any tensor value and as lora_alpha (or an alpha_pattern value).
+# Trained LoRA factors are small: PEFT starts A within +-1/sqrt(in_features) (0.04 for a 576-wide model) and
+# B at 0, fine-tuning moves them by far less than 1, and SVD-based inits (PiSSA, OLoRA) hold singular vectors
+# scaled by root singular values, single digits; alpha is commonly r to 2r (at most 512 for r <= 256). 1e4 is
+# four orders of magnitude above what real adapters hold and representable in fp16 (max 65504), and it keeps a
+# hostile adapter from carrying values like 1e30 that overflow activations by themselves. (A bounded adapter can
+# still drive its own request's activations to inf; the engine keeps that from reaching any other request.)
+MAX_ABS_VALUE = 1e4
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_rank: int = 256
     max_bytes: int = 4 * 1024**3
     max_tensors: int = 20_000
     max_config_bytes: int = 1024 * 1024
+    max_abs_value: float = MAX_ABS_VALUE  # |tensor value| and |lora_alpha| (see MAX_ABS_VALUE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +99,12 @@ def _number(cfg: dict, key: str, default: float) -> float:
     return float(value)
 
 
+def _bounded(value: float, what: str, limits: Limits) -> float:
+    if abs(value) > limits.max_abs_value:
+        raise InvalidAdapterError(f"{CONFIG_FILE}: {what} must be at most {limits.max_abs_value:g} in magnitude, got {value!r}")
+    return value
+
+
 def pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module path's suffix."""
     for key, value in patterns.items():
@@ -110,7 +127,7 @@ def parse_config(cfg: dict, limits: Limits) -> dict:
     if peft_type != "LORA":
         raise InvalidAdapterError(f"{CONFIG_FILE}: unsupported peft_type {peft_type!r}; loraplex serves LORA adapters")
     rank = _positive_int(cfg, "r")
-    alpha = _number(cfg, "lora_alpha", 8)
+    alpha = _bounded(_number(cfg, "lora_alpha", 8), "lora_alpha", limits)
     tm = cfg.get("target_modules")
     if isinstance(tm, str):
         try:
@@ -128,7 +145,7 @@ def parse_config(cfg: dict, limits: Limits) -> dict:
         if not isinstance(pat, dict):
             raise InvalidAdapterError(f"{CONFIG_FILE}: {key} must be an object")
         for k in pat:
-            _positive_int(pat, k) if key == "rank_pattern" else _number(pat, k, 0)
+            _positive_int(pat, k) if key == "rank_pattern" else _bounded(_number(pat, k, 0), f"alpha_pattern[{k!r}]", limits)
             try:
                 re.compile(k)
             except re.error as exc:
@@ -172,9 +189,7 @@ def validate_adapter(folder: Path, base: BaseModelInfo | None = None, limits: Li
     conf = parse_config(load_config(folder, limits), limits)
     tf = read_header(folder / WEIGHTS_FILE)
     modules = _check_tensors(tf, conf, base, limits)
-    bad = non_finite_tensors(tf)
-    if bad:
-        raise InvalidAdapterError(f"tensor {bad[0]!r} contains NaN or Inf values")
+    _check_values(tf, limits.max_abs_value)
     dtypes = sorted({t.dtype for t in tf.tensors.values()})
     return AdapterSpec(
         **conf, modules=sorted(modules), num_params=sum(t.numel for t in tf.tensors.values()), dtype=",".join(dtypes)
@@ -240,3 +255,32 @@ def _check_module(module: str, parts: dict, conf: dict, base: BaseModelInfo | No
             f"module {module!r} maps {in_f} -> {out_f} features but base model {base.id} "
             f"({base.fingerprint}) has {want_in} -> {want_out}"
         )
+
+
+def _check_values(tf: TensorFile, bound: float, chunk_elems: int = 1 << 22) -> None:
+    """Every float value finite and of magnitude at most ``bound``; one pass over the data, in chunks (numpy,
+    no torch). Raises for the first tensor (in header order) that breaks either."""
+    import numpy as np
+
+    with tf.path.open("rb") as f:
+        for info in tf.tensors.values():
+            if info.dtype not in FLOAT_DTYPES or info.numel == 0:
+                continue
+            item = DTYPE_SIZES[info.dtype]
+            f.seek(tf.data_start + info.begin)
+            remaining = info.numel
+            while remaining:
+                count = min(remaining, chunk_elems)
+                peak = float(np.abs(_floats(np, f.read(count * item), info.dtype)).max())  # NaN if any is NaN
+                if peak != peak or peak == float("inf"):
+                    raise InvalidAdapterError(f"tensor {info.name!r} contains NaN or Inf values")
+                if peak > bound:
+                    raise InvalidAdapterError(f"tensor {info.name!r} holds a value of magnitude {peak:.3g}, above the "
+                                              f"limit of {bound:g}")
+                remaining -= count
+
+
+def _floats(np, buf: bytes, dtype: str):
+    if dtype == "BF16":  # the top half of a float32
+        return (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(buf, dtype={"F64": "<f8", "F32": "<f4", "F16": "<f2"}[dtype])

@@ -34,7 +34,7 @@ async def chat(req: ChatCompletionRequest, request: Request, st: ApiState = Depe
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = sse_stream(backend, st.metrics, prompt, params, served, rid, started, ticket,
-                            responses.ChatChunks(rid, created, served, tok), include_usage)
+                            responses.ChatChunks(rid, created, served, tok), include_usage, limits.request_timeout)
         return StreamingResponse(events, media_type="text/event-stream", headers=responses.headers(served),
                                  background=BackgroundTask(ticket.release))
     try:

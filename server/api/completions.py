@@ -39,7 +39,7 @@ async def completions(req: CompletionRequest, request: Request, st: ApiState = D
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = sse_stream(backend, st.metrics, prompts[0], params, served, rid, started, ticket,
-                            responses.CompletionChunks(rid, created, served), include_usage)
+                            responses.CompletionChunks(rid, created, served), include_usage, limits.request_timeout)
         return StreamingResponse(events, media_type="text/event-stream", headers=responses.headers(served),
                                  background=BackgroundTask(ticket.release))
     try:

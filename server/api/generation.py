@@ -84,10 +84,11 @@ def record(metrics: Metrics, served: Served, outs: list[RequestOutput], started:
 
 async def sse_stream(backend: EngineBackend, metrics: Metrics, prompt: str | list[int], params: SamplingParams,
                      served: Served, rid: str, started: float, ticket: Ticket, chunks: ChatChunks,
-                     include_usage: bool) -> AsyncIterator[bytes]:
+                     include_usage: bool, timeout: float | None = None) -> AsyncIterator[bytes]:
     """The SSE events of one request (``chunks`` shapes them: chat or completion), ending in the usage
-    chunk when asked for and ``data: [DONE]``; an engine error becomes an error event. Gives the
-    ticket back and records the metrics however it ends."""
+    chunk when asked for and ``data: [DONE]``; an engine error becomes an error event, and so does a stream
+    still running ``timeout`` seconds after ``started`` (its generation is aborted). Gives the ticket back and
+    records the metrics however it ends."""
     first = prev = None
     itl: list[float] = []
     outs: list[RequestOutput] = []
@@ -98,10 +99,18 @@ async def sse_stream(backend: EngineBackend, metrics: Metrics, prompt: str | lis
         if head is not None:
             yield sse(head)
         stream = backend.generate(prompt, params, served.adapters, rid)
+        deadline = None if timeout is None else started + timeout
         while True:
             try:
-                out = await stream.__anext__()
+                if deadline is None:
+                    out = await stream.__anext__()
+                else:
+                    out = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
             except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                outcome = "error"
+                yield sse(error_body(TimeoutError_(f"the request took longer than {timeout:g} s")))
                 break
             except (LoraplexError, ValueError) as exc:  # refused by the engine (e.g. prompt too long)
                 outcome = "error"

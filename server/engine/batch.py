@@ -63,5 +63,6 @@ def build_step(work: list[Work], slot_ranks: dict[int, int], lora_dtype: torch.d
         decode_perm=None if perm == list(range(d)) else as_long(perm), prefills=tuple(chunks),
         logit_rows=as_long(logit_rows),
         lora=LoraBatch.build(lora_rows, slot_ranks, lora_dtype, device) if lora_rows else None,
+        extents=tuple((w.slot, w.first_pos + len(w.tokens)) for w in work),
     )
     return batch, sampled

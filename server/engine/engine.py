@@ -105,6 +105,7 @@ class Engine:
         if any(t >= self.vocab_size for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
         mix = _normalize_adapters(adapters)
+        self.adapters.check_fits([name for name, _ in mix])  # a set that can never be placed whole waits for ever
         seq = Sequence(request_id, ids, params, mix, make_generator(params.seed, self.device))
         self._seqs[request_id] = seq
         self.scheduler.add(seq)

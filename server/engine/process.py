@@ -94,12 +94,11 @@ def _engine_main(conn, launch: EngineLaunch) -> None:  # runs in the child proce
         if method == "pin":
             name, on = args
             if on and name not in pinned:
+                engine.adapters.pin(name)
                 pinned.add(name)
-                engine.adapters.acquire(name)
-                engine.adapters.slot_for(name)
             elif not on and name in pinned:
                 pinned.discard(name)
-                engine.adapters.release(name)
+                engine.adapters.unpin(name)
             return None
         if method == "adapters":
             out = engine.adapters.resident()

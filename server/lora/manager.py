@@ -9,15 +9,22 @@ Races this prevents: evicting an adapter that a running request still uses (ever
 holds a reference, and only unreferenced slots are evicted); loading one adapter twice when many
 requests for it arrive together (one future per name); a failed load retried forever (the error is
 kept and handed to the waiting requests, then dropped so a later request can try again).
+
+Deadlock this prevents: a request's adapters are placed all or nothing (``reserve``), and references
+are taken only when it is admitted, never while it waits. When waiting requests held references and
+placed their adapters one by one, two mixtures of 5 distinct adapters on 8 slots could each place a
+part of their set and pin it: neither could ever complete, and nothing else could load. Now a set
+that does not fit whole takes no slot at all, and what a waiting request placed stays evictable.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -34,6 +41,13 @@ class AdapterStats:
     loads: int = 0
     evictions: int = 0
     load_seconds: list[float] = field(default_factory=list)
+
+
+class Wait(enum.Enum):
+    """Why ``reserve`` gave no slots yet."""
+
+    LOADING = "loading"  # an adapter of the set is not in host memory yet: its load runs on the loader thread
+    NO_ROOM = "no room"  # all are loaded, but free and evictable slots are fewer than the set still needs
 
 
 def _lower_priority() -> None:
@@ -53,11 +67,13 @@ class AdapterManager:
     def __init__(self, bank: LoraBank, loader: Loader, max_cpu_loras: int = 16) -> None:
         self.bank = bank
         self.loader = loader
-        self.max_cpu_loras = max_cpu_loras
+        # at least a slot's worth: a set is placed once all of it is loaded, so all of it must fit in the host tier
+        self.max_cpu_loras = max(max_cpu_loras, bank.max_loras)
         self.stats = AdapterStats()
         self._slots: OrderedDict[str, int] = OrderedDict()  # name -> bank slot, least recently used first
         self._cpu: OrderedDict[str, LoraWeights] = OrderedDict()  # host tier, LRU
         self._refs: dict[str, int] = {}
+        self._pins: set[str] = set()  # kept resident by the operator (each holds one reference)
         self._pending: dict[str, Future] = {}
         self._failed: dict[str, Exception] = {}
         self._derived: dict[str, Loader] = {}
@@ -83,25 +99,114 @@ class AdapterManager:
         """A name whose weights are computed (e.g. a merge) instead of loaded."""
         self._derived.setdefault(name, loader)
 
+    def pin(self, name: str) -> None:
+        """Keep name in a device slot until ``unpin`` (placed as soon as it is loaded)."""
+        if name in self._pins:
+            return
+        if len(self._pins) >= self.bank.max_loras:
+            raise ValueError(f"all {self.bank.max_loras} adapter slots are pinned already")
+        self._pins.add(name)
+        self.acquire(name)
+        try:
+            self.prefetch([name])
+        except Exception:  # noqa: BLE001  an earlier load failed: try again
+            self.prefetch([name])
+        self._place_pins()
+
+    def unpin(self, name: str) -> None:
+        if name in self._pins:
+            self._pins.discard(name)
+            self.release(name)
+
+    @property
+    def pinned(self) -> frozenset[str]:
+        return frozenset(self._pins)
+
     # ---- lookups from the step loop ------------------------------------------------------------------
-    def slot_for(self, name: str) -> int | None:
-        """The bank slot holding name, or None while it loads. Raises the load's error if it failed."""
-        if name in self._slots:
+    def check_fits(self, names: Collection[str]) -> None:
+        """Raise ValueError if these adapters can never be in device slots together: more distinct ones than
+        slots, or than the slots the pinned adapters leave."""
+        distinct = set(names)
+        pinned = len(self._pins - distinct)
+        if len(distinct) > self.bank.max_loras:
+            raise ValueError(f"the request needs {len(distinct)} distinct adapters at once but the engine has "
+                             f"{self.bank.max_loras} adapter slots (max_loras)")
+        if len(distinct) + pinned > self.bank.max_loras:
+            raise ValueError(f"the request needs {len(distinct)} adapter slots at once but only "
+                             f"{self.bank.max_loras - pinned} of {self.bank.max_loras} are not pinned")
+
+    def reserve(self, names: Sequence[str], protect: Collection[str] = ()) -> list[int] | Wait:
+        """The bank slots of all of ``names`` (in order), placing the missing ones, or why not yet.
+
+        All or nothing: the missing adapters are placed only if every one of them fits at once (in free
+        slots, or by evicting unreferenced adapters, least recently used first, never one of ``names`` or
+        ``protect``); otherwise no slot changes. Loads start for every adapter of the set not in host
+        memory. Takes no reference: the caller ``acquire``s when it admits the request, before anything
+        else is placed. Raises a failed load's error, and ``check_fits``'s ValueError."""
+        distinct = list(dict.fromkeys(names))
+        if not distinct:
+            return []
+        self.check_fits(distinct)
+        if not self.prefetch(distinct):
+            return Wait.LOADING
+        missing = [n for n in distinct if n not in self._slots]
+        if missing:
+            used = set(self._slots.values())
+            free = [s for s in range(self.bank.max_loras) if s not in used]
+            keep = set(distinct) | set(protect)
+            evictable = [n for n in self._slots if self.refs(n) == 0 and n not in keep]  # LRU first
+            if len(missing) > len(free) + len(evictable):
+                return Wait.NO_ROOM
+            for name in missing:
+                if free:
+                    slot = free.pop(0)
+                else:
+                    slot = self._slots.pop(evictable.pop(0))
+                    self.stats.evictions += 1
+                self.bank.set_lora(slot, self._images.pop(name, None) or self._cpu[name])
+                self._slots[name] = slot
+        for name in distinct:
             self._slots.move_to_end(name)
             self.stats.hits += 1
-            return self._slots[name]
-        if name in self._failed:
-            raise self._failed.pop(name)
-        weights = self._cpu.get(name)
-        if weights is not None:
-            slot = self._place(name, self._images.pop(name, None) or weights)
-            if slot is not None:
-                self.stats.hits += 1
-            return slot
-        if name not in self._pending:
-            self.stats.misses += 1
-            self._pending[name] = self._pool.submit(self._load, name)
-        return None
+        return [self._slots[n] for n in names]
+
+    def prefetch(self, names: Collection[str]) -> bool:
+        """Start loads for those of names that are neither in a slot nor in host memory; whether all are (so
+        placing them needs no load). Raises (and forgets) a failed load's error."""
+        ready = True
+        for name in names:
+            if name in self._failed:
+                raise self._failed.pop(name)
+            if name in self._slots or name in self._cpu:
+                continue
+            ready = False
+            if name not in self._pending:
+                self.stats.misses += 1
+                self._pending[name] = self._pool.submit(self._load, name)
+        return ready
+
+    def slots_of(self, names: Sequence[str]) -> list[int]:
+        """Slots of adapters that must be resident (a running request's: it holds references on them)."""
+        out = []
+        for name in names:
+            slot = self._slots.get(name)
+            if slot is None:
+                raise RuntimeError(f"adapter {name} is not in a device slot, but a running request uses it")
+            self._slots.move_to_end(name)
+            out.append(slot)
+        return out
+
+    def slot_for(self, name: str) -> int | None:
+        """The bank slot holding name (placed now if it is loaded and fits), or None while it loads or has no
+        room. Raises the load's error if it failed."""
+        got = self.reserve([name])
+        return got[0] if isinstance(got, list) else None
+
+    def _place_pins(self) -> None:
+        """Place the pinned adapters that are loaded (a failed pin load waits, with its error, for a request)."""
+        for name in sorted(self._pins):
+            if name not in self._slots and name in self._cpu:
+                self.reserve([name])
 
     def _load(self, name: str):
         t = time.perf_counter()
@@ -131,20 +236,8 @@ class AdapterManager:
             while len(self._cpu) > self.max_cpu_loras:
                 gone, _ = self._cpu.popitem(last=False)
                 self._images.pop(gone, None)
-
-    def _place(self, name: str, weights) -> int | None:
-        used = set(self._slots.values())
-        free = [s for s in range(self.bank.max_loras) if s not in used]
-        if not free:
-            victim = next((n for n in self._slots if self.refs(n) == 0 and n != name), None)
-            if victim is None:
-                return None  # every slot serves a running request: wait
-            free = [self._slots.pop(victim)]
-            self.stats.evictions += 1
-        slot = free[0]
-        self.bank.set_lora(slot, weights)
-        self._slots[name] = slot
-        return slot
+        if self._pins:
+            self._place_pins()
 
     def resident(self) -> dict[str, dict]:
         out = {n: {"tier": "device", "slot": s, "refs": self.refs(n)} for n, s in self._slots.items()}

@@ -48,6 +48,7 @@ class StepBatch:
     prefills: tuple[PrefillChunk, ...]
     logit_rows: torch.Tensor  # [N] int64: rows whose next-token logits are needed
     lora: LoraBatch | None
+    extents: tuple[tuple[int, int], ...]  # (KV slot, end position) per sequence: this step writes below end
 
 
 class Decoder:
@@ -123,6 +124,8 @@ class Decoder:
     @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: KVCache, bank: LoraBank | None) -> torch.Tensor:
         """Logits [N, vocab] (float32) for batch.logit_rows."""
+        for slot, end in batch.extents:  # before any write, so a failed step's writes are cleared too
+            cache.mark(slot, end)
         t = batch.input_ids.numel()
         h = self.embed(batch.input_ids).to(self.dtype)  # [T, hidden]
         cos = self._cos[batch.positions].unsqueeze(1)  # [T, 1, head_dim]
@@ -153,6 +156,8 @@ class Decoder:
                               batch.decode_first_slot is not None, batch.decode_len)  # [D, kv, Lmax, hd]
             perm = batch.decode_perm
             qd = (q[:d] if perm is None else q.index_select(0, perm)).unsqueeze(2)  # [D, heads, 1, hd]
+            # Rows shorter than Lmax read their slot's tail under the mask: zeros (KVCache.release clears what the
+            # slot's last sequence wrote), never another request's values, so NaN/inf cannot leak through the mask.
             od = F.scaled_dot_product_attention(qd, k, v, attn_mask=batch.decode_mask, scale=self.scaling, enable_gqa=gqa)
             if perm is None:
                 out[:d] = od.squeeze(2)

@@ -7,6 +7,17 @@ contiguous range and decode attention reads the cache through a view instead of 
 
 The decoder owns the layout (it writes and attends through ``write`` and ``view``); the engine sizes the
 cache and its scheduler hands the slots out.
+
+Nothing a sequence leaves in its slot reaches the next one: ``release`` zeroes every position the
+slot was written at (the decoder ``mark``s the positions of a step before writing them). This is what
+keeps requests apart: decode attention reads every slot up to the longest context of the step and
+hides a shorter context's tail with a boolean mask, and a mask does not stop NaN or inf (SDPA adds
+-inf to a masked score, and NaN + -inf is NaN; a masked value is weighted by 0, and 0 * inf is NaN).
+A zeroed tail is finite, so masked positions contribute exactly 0. Clearing rather than masking
+with ``torch.where`` on the keys and values, measured 2026-12-01 on an AMD EPYC (AVX2, 1 thread),
+SmolLM2-135M fp32, one step of 8 decodes with contexts 24..164: ``where`` on K and V in every layer
+made the step ~10% slower (medians 235 vs 213 ms), while ``release`` of a 164-position slot takes
+~0.2 ms, once per request.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ class KVCache:
         self.v = torch.zeros(full, dtype=dtype, device=device)  # [layers, slots, kv_heads, max_len, head_dim]
         self._free = list(range(shape.num_slots))
         heapq.heapify(self._free)
+        self._used = [0] * shape.num_slots  # per slot: positions [0, used) may hold values since its last release
 
     @property
     def free_slots(self) -> int:
@@ -51,7 +63,17 @@ class KVCache:
         return heapq.heappop(self._free) if self._free else None
 
     def release(self, slot: int) -> None:
+        """Hand the slot back, zeroed wherever it was written, so nothing of its sequence reaches the next."""
+        end, self._used[slot] = self._used[slot], 0
+        if end:
+            self.k[:, slot, :, :end].zero_()
+            self.v[:, slot, :, :end].zero_()
         heapq.heappush(self._free, slot)
+
+    def mark(self, slot: int, end: int) -> None:
+        """Positions [0, end) of slot are about to be written: ``release`` clears them (plain ints, no sync)."""
+        if end > self._used[slot]:
+            self._used[slot] = end
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values: slots, positions [T]; k, v [T, kv_heads, head_dim]."""

@@ -82,3 +82,30 @@ def test_push_killed_at_random_points_leaves_no_partial_version(registry, regist
     assert again.returncode == 0, err
     assert int(out) > max(visible) and fresh.version_numbers("big")[-1] == int(out)
     print(f"push took {duration:.2f}s; visible after kills: {visible}; re-run got v{int(out)}")
+
+
+def test_concurrent_creates_and_deletes_in_one_folder_never_fail(tmp_path):
+    """A delete removes the folders it leaves empty; a writer whose folder vanishes between its mkdir and its
+    open must retry, not fail (eight pushers probing `.loraplex/` at once hit exactly this)."""
+    import threading
+
+    from loraplex.adapters.storage import open_storage
+
+    storage = open_storage(tmp_path.as_uri())
+    errors: list[BaseException] = []
+
+    def churn(i: int) -> None:
+        try:
+            for j in range(150):
+                key = f".loraplex/probe-{i}-{j}"
+                assert storage.create(key, b"x") and not storage.create(key, b"y")
+                storage.delete(key)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []

@@ -366,6 +366,10 @@ CASES: list[Case] = [
     Case("inf-float16", _inf_f16, InvalidAdapterError, f"tensor {A1!r} contains NaN or Inf values"),
     Case("nan-bfloat16", _bf16_bits(0x7FC0), InvalidAdapterError, f"tensor {B0!r} contains NaN or Inf values"),
     Case("negative-inf-bfloat16", _bf16_bits(0xFF80), InvalidAdapterError, f"tensor {B0!r} contains NaN or Inf values"),
+    Case("value-above-bound", lambda f: adapter(f, tensors=with_tensors({B1: np.full((64, R), -2e4, np.float32)})),
+         InvalidAdapterError, f"tensor {B1!r} holds a value of magnitude 2e+04, above the limit of 10000"),
+    Case("lora-alpha-above-bound", lambda f: adapter(f, config=cfg(lora_alpha=1e30)), InvalidAdapterError,
+         "adapter_config.json: lora_alpha must be at most 10000 in magnitude, got 1e+30"),
     # -- against the tiny base (base_dir) --------------------------------------------------------------
     Case("in-features-mismatch", lambda f: adapter(f, tensors=pair(M0, R, 32, 64)), IncompatibleBaseError,
          f"module {M0!r} maps 32 -> 64 features but base model tiny-llama ({FP}) has 64 -> 64", base=True),

@@ -92,3 +92,21 @@ def test_non_streamed_disconnect_aborts_the_generation(live):
                    timeout=httpx.Timeout(5, read=0.3))
     assert wait_for(lambda: len(backend.aborted) > before), "the backend never saw the abort"
     assert wait_for(lambda: backend.stats()["running"] == 0 and live.api.app.state.api.admission.outstanding == 0)
+
+
+def test_a_stream_past_the_request_timeout_ends_with_an_error_event(world):  # noqa: F811
+    from loraplex.server.api.app import RequestLimits
+
+    server = LiveApi(make_api(world, token_delay=0.05, limits=RequestLimits(request_timeout=0.5)))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        pieces = []
+        with pytest.raises(openai.APIError) as exc:
+            for chunk in client.chat.completions.create(model=BASE, messages=MSG, max_tokens=200, stream=True):
+                pieces += [c.delta.content for c in chunk.choices if c.delta.content]
+        assert "took longer than 0.5 s" in str(exc.value.message)
+        assert 0 < len(pieces) < 200  # it streamed, then the timeout cut it short
+        backend = server.api.backend
+        assert wait_for(lambda: not backend.running and len(backend.aborted) == 1)  # the generation was aborted
+    finally:
+        server.stop()

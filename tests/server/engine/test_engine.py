@@ -70,6 +70,7 @@ def test_mixed_batch_logits_match_peft_at_every_position(folders, reference):
         row += len(prompt)
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_peft_token_for_token(folders, reference):
     engine = make_engine(folders)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -91,6 +92,7 @@ def test_weighted_mixture_matches_peft_cat_merge(folders, reference):
         reference.delete_adapter("mixcat")
 
 
+@pytest.mark.slow
 def test_tokens_do_not_change_when_others_join_and_leave(folders):
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     alone = make_engine(folders).generate([PROMPTS[2]], params, ["all8"])[0].output_ids
@@ -111,6 +113,7 @@ def test_tokens_do_not_change_when_others_join_and_leave(folders):
     assert seq.output_ids == alone
 
 
+@pytest.mark.slow
 def test_chunked_prefill_equals_one_shot(folders):
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     prompt = list(range(1, 60))
@@ -119,6 +122,7 @@ def test_chunked_prefill_equals_one_shot(folders):
     assert one == chunked
 
 
+@pytest.mark.slow
 def test_more_adapters_than_slots_are_swapped_without_evicting_running_ones(folders):
     engine = make_engine(folders, max_loras=2)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)

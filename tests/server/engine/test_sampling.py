@@ -67,8 +67,11 @@ def test_valid_params_and_normalization():
     assert SamplingParams(stop=["a", "b"], stop_token_ids=[2]).stop_token_ids == (2,)
     for ok in (dict(top_k=-1), dict(top_k=1), dict(temperature=2), dict(top_p=1e-9),
                dict(presence_penalty=-2), dict(logprobs=0), dict(logprobs=20), dict(seed=-5),
-               dict(seed=2**70), dict(stop=tuple("x" * 16))):
+               dict(seed=2**64 - 1), dict(seed=-(2**63)), dict(stop=tuple("x" * 16))):
         SamplingParams(**ok)
+    for bad in (dict(seed=2**64), dict(seed=2**70), dict(seed=-(2**63) - 1)):  # past what a generator takes
+        with pytest.raises(ValueError, match="seed"):
+            SamplingParams(**bad)
     with pytest.raises(AttributeError):
         p.temperature = 0.5  # frozen
 

@@ -58,10 +58,8 @@ class World:
                 self.manager.wait_idle(10)
                 self.manager.poll()
         if running:
-            self.scheduler.waiting.remove(seq)
-            seq.slot, seq.status, seq.num_cached = self.cache.allocate(), Status.RUNNING, cached
-            seq.output_ids = list(range(generated))
-            self.scheduler.running.append(seq)
+            self.scheduler.admit(seq)
+            seq.num_cached, seq.output_ids = cached, list(range(generated))
         return seq
 
     def plan(self) -> list[tuple[str, int]]:
@@ -146,5 +144,58 @@ def test_finish_releases_the_kv_slot_and_the_adapter():
         assert world.plan() == [("r", 3)] and world.cache.free_slots == 1 and world.manager.refs("warm-a") == 1
         world.scheduler.finish(seq)
         assert world.cache.free_slots == 2 and world.manager.refs("warm-a") == 0 and seq.finished
+    finally:
+        world.manager.shutdown()
+
+
+def _mixture(world: World, rid: str, names: list[str], prompt: int = 3) -> Sequence:
+    seq = Sequence(rid, list(range(1, prompt + 1)), SamplingParams(max_tokens=32), tuple((n, 0.5) for n in names), None)
+    world.scheduler.add(seq)
+    return seq
+
+
+def _loaded(world: World, *names: str) -> None:
+    """In host memory, not in a slot."""
+    while not world.manager.prefetch(names):
+        world.manager.wait_idle(10)
+        world.manager.poll()
+
+
+def test_a_set_is_placed_whole_or_not_at_all_and_the_oldest_blocked_set_goes_first():
+    world = World(C(), lora_slots=2)
+    try:
+        r = world.add("r", 3, cached=4, generated=1, adapter="a", running=True)  # holds one of the two slots
+        m = _mixture(world, "m", ["b", "c"])
+        world.add("base", 2)  # needs no slot
+        single = _mixture(world, "single", ["d"])
+        _loaded(world, "b", "c", "d")
+        # m's set does not fit (one free slot): nothing of it is placed, and the younger single request may not
+        # take the free slot either (m would wait for ever behind a stream of them); the base request runs
+        assert world.plan() == [("r", 1), ("base", 2)]
+        assert set(world.manager.resident()) >= {"b", "c", "d"}
+        assert {n for n, info in world.manager.resident().items() if info["tier"] == "device"} == {"a"}
+        assert world.manager.refs("b") == world.manager.refs("c") == world.manager.refs("d") == 0  # waiting pins nothing
+        world.scheduler.finish(r)  # a becomes evictable: m's set fits (a is evicted), single still has no room
+        assert [rid for rid, _ in world.plan()] == ["base", "m"]
+        assert world.manager.refs("b") == world.manager.refs("c") == 1 and world.manager.refs("a") == 0
+        world.scheduler.finish(m)
+        assert [rid for rid, _ in world.plan()] == ["base", "single"] and single.status is Status.RUNNING
+    finally:
+        world.manager.shutdown()
+
+
+def test_a_set_the_pinned_slots_leave_no_room_for_fails_its_request():
+    world = World(C(), lora_slots=2)
+    try:
+        world.manager.pin("p")
+        seq = _mixture(world, "m", ["b", "c"])
+        assert world.plan() == []
+        (failed, exc), = world.scheduler.failed
+        assert failed is seq and seq.finished and "only 1 of 2 are not pinned" in str(exc)
+        world.manager.wait_idle(10)
+        world.manager.poll()
+        assert world.manager.resident()["p"]["tier"] == "device" and world.manager.refs("p") == 1
+        world.manager.unpin("p")
+        assert world.manager.refs("p") == 0
     finally:
         world.manager.shutdown()

@@ -20,11 +20,16 @@ CASES = {
     "base rows before it": ([(2, 3, [(1, 1.0)])], [1], 3, None, None, 1, 2, 8),
     "two adapters in slot order, equal": ([(0, 2, [(0, 1.0)]), (2, 2, [(1, 1.0)])], [0, 1], 2, None, None, 0, 0, 8),
     "decodes of two adapters": ([(0, 1, [(2, 1.0)]), (1, 1, [(3, 1.0)])], [2, 3], 1, None, None, 2, 0, 16),
-    "uneven segments are padded from row 0": ([(0, 3, [(0, 1.0)]), (3, 1, [(2, 1.0)])], [0, 2], 3,
-                                              [0, 1, 2, 3, 0, 0], [1, 1, 1, 1, 0, 0], None, 0, 16),
+    # a pad repeats its own segment's first row with weight 0, never another request's row (0 * inf = NaN)
+    "a short segment is padded with its own first row": ([(0, 3, [(0, 1.0)]), (3, 1, [(2, 1.0)])], [0, 2], 3,
+                                                         [0, 1, 2, 3, 3, 3], [1, 1, 1, 1, 0, 0], None, 0, 16),
+    "a pad never reads row 0 of another request": ([(0, 2, [(0, 1.0)]), (2, 1, [(1, 1.0)])], [0, 1], 2,
+                                                   [0, 1, 2, 2], [1, 1, 1, 0], 0, 0, 8),
     "rows out of slot order": ([(0, 2, [(1, 1.0)]), (2, 2, [(0, 1.0)])], [0, 1], 2, [2, 3, 0, 1], None, 0, 0, 8),
     "a mixture repeats its rows": ([(0, 2, [(0, 0.25), (1, 0.75)])], [0, 1], 2, [0, 1, 0, 1],
                                    [0.25, 0.25, 0.75, 0.75], 0, 0, 8),
+    "a mixture beside a longer segment": ([(0, 1, [(0, 0.5), (1, 0.5)]), (1, 3, [(2, 1.0)])], [0, 1, 2], 3,
+                                          [0, 0, 0, 0, 0, 0, 1, 2, 3], [0.5, 0, 0, 0.5, 0, 0, 1, 1, 1], 0, 0, 16),
     "same slot from two sequences": ([(0, 1, [(1, 1.0)]), (1, 1, [(1, 1.0)])], [1], 2, None, None, 1, 0, 8),
     "a weighted single adapter keeps its weight": ([(0, 2, [(3, 0.5)])], [3], 2, None, [0.5, 0.5], 3, 0, 4),
 }
