@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .basemodel import BaseModelInfo
 from .errors import IncompatibleBaseError, InvalidAdapterError
-from .tensorfile import DTYPE_SIZES, FLOAT_DTYPES, TensorFile, read_header
+from .tensorfile import FLOAT_DTYPES, TensorFile, float_chunks, read_header
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -262,25 +262,10 @@ def _check_values(tf: TensorFile, bound: float, chunk_elems: int = 1 << 22) -> N
     no torch). Raises for the first tensor (in header order) that breaks either."""
     import numpy as np
 
-    with tf.path.open("rb") as f:
-        for info in tf.tensors.values():
-            if info.dtype not in FLOAT_DTYPES or info.numel == 0:
-                continue
-            item = DTYPE_SIZES[info.dtype]
-            f.seek(tf.data_start + info.begin)
-            remaining = info.numel
-            while remaining:
-                count = min(remaining, chunk_elems)
-                peak = float(np.abs(_floats(np, f.read(count * item), info.dtype)).max())  # NaN if any is NaN
-                if peak != peak or peak == float("inf"):
-                    raise InvalidAdapterError(f"tensor {info.name!r} contains NaN or Inf values")
-                if peak > bound:
-                    raise InvalidAdapterError(f"tensor {info.name!r} holds a value of magnitude {peak:.3g}, above the "
-                                              f"limit of {bound:g}")
-                remaining -= count
-
-
-def _floats(np, buf: bytes, dtype: str):
-    if dtype == "BF16":  # the top half of a float32
-        return (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-    return np.frombuffer(buf, dtype={"F64": "<f8", "F32": "<f4", "F16": "<f2"}[dtype])
+    for info, values in float_chunks(tf, chunk_elems):
+        peak = float(np.abs(values).max())  # NaN if any is NaN
+        if peak != peak or peak == float("inf"):
+            raise InvalidAdapterError(f"tensor {info.name!r} contains NaN or Inf values")
+        if peak > bound:
+            raise InvalidAdapterError(f"tensor {info.name!r} holds a value of magnitude {peak:.3g}, above the "
+                                      f"limit of {bound:g}")

@@ -120,11 +120,11 @@ def _check_layout(label: str, tensors: dict[str, TensorInfo], data_len: int) -> 
         raise InvalidAdapterError(f"{label}: {data_len - pos} trailing bytes after the last tensor")
 
 
-def non_finite_tensors(tf: TensorFile, chunk_elems: int = 1 << 22) -> list[str]:
-    """Names of float tensors holding NaN or Inf, read in chunks (numpy, no torch)."""
+def float_chunks(tf: TensorFile, chunk_elems: int = 1 << 22):
+    """(tensor info, numpy float array) for every float tensor's data, in header order, read in chunks of at most
+    ``chunk_elems`` values (numpy, no torch; bf16 widened to float32)."""
     import numpy as np
 
-    bad: list[str] = []
     with tf.path.open("rb") as f:
         for info in tf.tensors.values():
             if info.dtype not in FLOAT_DTYPES or info.numel == 0:
@@ -134,17 +134,22 @@ def non_finite_tensors(tf: TensorFile, chunk_elems: int = 1 << 22) -> list[str]:
             remaining = info.numel
             while remaining:
                 count = min(remaining, chunk_elems)
-                buf = f.read(count * item)
-                if not _finite(np, buf, info.dtype):
-                    bad.append(info.name)
-                    break
+                yield info, _floats(np, f.read(count * item), info.dtype)
                 remaining -= count
+
+
+def non_finite_tensors(tf: TensorFile, chunk_elems: int = 1 << 22) -> list[str]:
+    """Names of float tensors holding NaN or Inf."""
+    import numpy as np
+
+    bad: list[str] = []
+    for info, values in float_chunks(tf, chunk_elems):
+        if (not bad or bad[-1] != info.name) and not np.isfinite(values).all():
+            bad.append(info.name)
     return bad
 
 
-def _finite(np, buf: bytes, dtype: str) -> bool:
-    if dtype == "BF16":  # exponent bits all ones <=> Inf or NaN
-        bits = np.frombuffer(buf, dtype="<u2")
-        return not bool(np.any((bits & 0x7F80) == 0x7F80))
-    np_dtype = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}[dtype]
-    return bool(np.isfinite(np.frombuffer(buf, dtype=np_dtype)).all())
+def _floats(np, buf: bytes, dtype: str):
+    if dtype == "BF16":  # the top half of a float32
+        return (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(buf, dtype={"F64": "<f8", "F32": "<f4", "F16": "<f2"}[dtype])

@@ -49,3 +49,13 @@ def peft_reference(folders: dict[str, Path]) -> PeftModel:
     for n in names[1:]:
         model.load_adapter(str(folders[n]), adapter_name=n)
     return model.eval()
+
+
+def make_engine(folders: dict[str, Path], **kw):
+    """The native engine on the tiny Llama, loading ``folders``' adapters by name; ``kw`` overrides its config."""
+    from loraplex.server.engine.engine import Engine, EngineConfig
+    from loraplex.server.lora.weights import LoraWeights
+
+    model = tiny_llama()
+    cfg = EngineConfig(**{"max_loras": 4, "max_lora_rank": 16, "max_running": 8, "max_model_len": 128, **kw})
+    return Engine(model, model.config, engine_config=cfg, loader=lambda name: LoraWeights.load(folders[name], name))

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from engine_fixtures import make_peft_adapters, peft_reference, tiny_llama
+from engine_fixtures import make_engine, make_peft_adapters, peft_reference, tiny_llama
 from loraplex.server.engine.batch import Work, build_step
 from loraplex.server.engine.engine import Engine, EngineConfig
 from loraplex.server.engine.sampling import SamplingParams
@@ -18,20 +18,6 @@ PROMPTS = [[1, 5, 9, 13, 17, 21], [2, 4, 6, 8], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], 
 ASSIGN = [None, "qv4", "all8", "mlp16rs", "all8"]
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return make_peft_adapters(tmp_path_factory.mktemp("peft"))
-
-
-@pytest.fixture(scope="module")
-def reference(folders):
-    return peft_reference(folders)
-
-
-def make_engine(folders, **kw) -> Engine:
-    model = tiny_llama()
-    cfg = EngineConfig(**{"max_loras": 4, "max_lora_rank": 16, "max_running": 8, "max_model_len": 128, **kw})
-    return Engine(model, model.config, engine_config=cfg, loader=lambda name: LoraWeights.load(folders[name], name))
 
 
 def peft_logits(reference, prompt, adapter):

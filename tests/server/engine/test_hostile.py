@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 
-from engine_fixtures import make_peft_adapters, peft_reference, tiny_llama
+from engine_fixtures import make_engine, make_peft_adapters, peft_reference, tiny_llama
 from loraplex.server.engine.batch import Work, build_step
 from loraplex.server.engine.engine import Engine, EngineConfig
 from loraplex.server.engine.sampling import SamplingParams
@@ -22,20 +22,6 @@ from loraplex.server.lora.weights import LoraModule, LoraWeights
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return make_peft_adapters(tmp_path_factory.mktemp("peft"))
-
-
-@pytest.fixture(scope="module")
-def reference(folders):
-    return peft_reference(folders)
-
-
-def make_engine(folders, **kw) -> Engine:
-    model = tiny_llama()
-    cfg = EngineConfig(**{"max_loras": 4, "max_lora_rank": 16, "max_running": 8, "max_model_len": 128, **kw})
-    return Engine(model, model.config, engine_config=cfg, loader=lambda name: LoraWeights.load(folders[name], name))
 
 
 def random_adapter(engine: Engine, name: str, seed: int, magnitude: float = 0.1, rank: int = 4) -> None:
