@@ -56,6 +56,13 @@ def _safe_error(exc: BaseException) -> Exception:
         return LoraplexError(str(exc) or type(exc).__name__)
 
 
+def _take(items: list) -> list:
+    """Empty ``items`` and return what it held."""
+    out = list(items)
+    items.clear()
+    return out
+
+
 def _engine_main(conn, launch: EngineLaunch) -> None:  # runs in the child process
     from loraplex.adapters import AdapterCache, AdapterRegistry
 
@@ -80,7 +87,7 @@ def _engine_main(conn, launch: EngineLaunch) -> None:  # runs in the child proce
         return {"running": len(s.running), "waiting": len(s.waiting), "kv_slots_used": engine.cache.used_slots,
                 "kv_slots_total": engine.cache.shape.num_slots, "batch_tokens": last_batch, "steps": steps,
                 "cache_hits": a.hits, "cache_misses": a.misses, "loads": a.loads, "evictions": a.evictions,
-                "load_seconds": list(a.load_seconds)}
+                "load_seconds_new": _take(a.load_seconds)}  # only loads not reported before: a message stays small
 
     def call(method: str, args: tuple):
         if method == "add_merge":
@@ -179,6 +186,7 @@ class EngineProcess:
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ids = itertools.count()
         self.restarts = 0
+        self._load_seconds: list[float] = []  # every adapter load's duration, all children together
         self._stats: dict = self._idle_stats()
         self._up = True  # False from the child's death until its replacement is ready
         self._closed = False
@@ -210,7 +218,7 @@ class EngineProcess:
 
     def _idle_stats(self) -> dict:
         return {"running": 0, "waiting": 0, "kv_slots_used": 0, "kv_slots_total": 1, "batch_tokens": 0, "steps": 0,
-                "cache_hits": 0, "cache_misses": 0, "loads": 0, "evictions": 0, "load_seconds": [],
+                "cache_hits": 0, "cache_misses": 0, "loads": 0, "evictions": 0, "load_seconds": self._load_seconds,
                 "restarts": self.restarts}
 
     @property
@@ -267,7 +275,7 @@ class EngineProcess:
             kind = msg[0]
             if kind == "out":
                 _, outs, stats = msg
-                self._stats = {**stats, "restarts": self.restarts}
+                self._stats = self._merge_stats(stats)
                 by_loop: dict = {}
                 for out in outs:
                     target = self._streams.get(out.request_id)
@@ -276,7 +284,7 @@ class EngineProcess:
                 for loop, items in by_loop.items():
                     loop.call_soon_threadsafe(_deliver, items)
             elif kind == "stats":
-                self._stats = {**msg[1], "restarts": self.restarts}
+                self._stats = self._merge_stats(msg[1])
             elif kind == "rejected":
                 _, rid, exc = msg
                 target = self._streams.get(rid)
@@ -288,6 +296,13 @@ class EngineProcess:
                 if waiter is not None:
                     loop, fut = waiter
                     loop.call_soon_threadsafe(_settle, fut, ok, value)
+
+    def _merge_stats(self, stats: dict) -> dict:
+        """The child's stats plus what this process keeps across messages and restarts: every load's duration
+        (the child sends only the new ones, so a step's message stays small however many loads there were) and
+        the restart count."""
+        self._load_seconds.extend(stats.pop("load_seconds_new", ()))
+        return {**stats, "load_seconds": self._load_seconds, "restarts": self.restarts}
 
     def _fail_all(self, exc: Exception) -> None:
         for loop, q in list(self._streams.values()):

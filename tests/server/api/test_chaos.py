@@ -108,3 +108,5 @@ def test_kill_9_of_the_engine_mid_stream(server):
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
     metrics = httpx.get(server.url + "/metrics", timeout=5).text
     assert "loraplex_engine_restarts_total 1.0" in metrics
+    loads = [float(x.split()[-1]) for x in metrics.splitlines() if x.startswith("loraplex_adapter_load_seconds_count")]
+    assert loads and loads[0] >= 2  # helper loaded by the first engine and again by its successor: both counted
