@@ -22,7 +22,6 @@ after this process hashed the file; a new process (a server restart) hashes ever
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
@@ -32,19 +31,10 @@ from pathlib import Path
 
 from .basemodel import BaseModelInfo
 from .errors import IntegrityError, StorageError
-from .manifest import SHA256_RE, Manifest, file_limits
+from .manifest import SHA256_RE, Manifest, file_limits, hash_file
 from .spec import ADAPTER_FILES, Limits, validate_adapter
 from .storage import ProgressFactory, Storage
 
-_CHUNK = 1 << 20
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_paths(manifest: Manifest) -> None:
@@ -85,8 +75,8 @@ class AdapterCache:
             if self._hashed.get(ident) == (sha, sig):
                 return True
         try:
-            got = _sha256(path)
-        except OSError:
+            got = hash_file(path).sha256
+        except (FileNotFoundError, NotADirectoryError):
             return False
         self.hashes += 1
         if got != sha:
@@ -184,7 +174,8 @@ class AdapterCache:
             except IntegrityError:
                 raise IntegrityError(f"{label} is larger than its manifest says ({size} bytes): the stored copy is "
                                      "corrupt or was tampered with; refused without reading past that size") from None
-            got, got_size = _sha256(part), part.stat().st_size
+            entry = hash_file(part)
+            got, got_size = entry.sha256, entry.size
             if got != sha or got_size != size:
                 raise IntegrityError(f"{label} does not match its manifest (sha256 {got[:12]}, {got_size} bytes; expected "
                                      f"{sha[:12]}, {size} bytes): the stored copy is corrupt")

@@ -369,9 +369,16 @@ class AdapterRegistry:
 
 def _alias_event(raw: bytes, where: str) -> AliasEvent:
     try:
-        return AliasEvent(**json.loads(raw))
+        event = AliasEvent(**json.loads(raw))
+        for field in ("version", "previous"):
+            v = getattr(event, field)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{field} must be a version number >= 1 or null")
+        if not all(isinstance(x, str) for x in (event.alias, event.at, event.action)):
+            raise ValueError("alias, at and action must be strings")
+        return event
     except (ValueError, TypeError, RecursionError) as exc:
-        raise IntegrityError(f"alias entry {where} is unreadable: {type(exc).__name__}: {exc}") from None
+        raise IntegrityError(f"alias entry {where} is unreadable: {type(exc).__name__}: {str(exc)[:160]}") from None
 
 
 __all__ = ["AdapterRegistry", "AliasEvent", "PushResult", "WEIGHTS_FILE"]

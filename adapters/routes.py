@@ -113,10 +113,18 @@ class Route:
     def from_json(cls, raw: bytes, where: str) -> Route:
         try:
             d = json.loads(raw)
-            arms = tuple(Arm(str(a["ref"]), int(a["version"]), float(a["weight"])) for a in d["arms"])
-            return cls(str(d["name"]), arms, str(d["created_at"]), d.get("by"), int(d["seq"]), str(d.get("action", "set")))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise IntegrityError(f"route entry {where} is unreadable: {type(exc).__name__}: {exc}") from None
+            if not isinstance(d["arms"], list) or len(d["arms"]) > MAX_ARMS:
+                raise ValueError(f"arms must be a list of at most {MAX_ARMS}")
+            arms = tuple(Arm(str(a["ref"]), int(a["version"]), _check_weight(str(a["ref"]), a["weight"]))
+                         for a in d["arms"])
+            action = str(d.get("action", "set"))
+            if action not in ("set", "rm", "delete") or (not arms and action != "delete"):
+                raise ValueError(f"action {action[:20]!r} with {len(arms)} arms")
+            by = d.get("by")
+            return cls(str(d["name"]), arms, str(d["created_at"]), None if by is None else str(by)[:200],
+                       int(d["seq"]), action)
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError, ConfigError) as exc:
+            raise IntegrityError(f"route entry {where} is unreadable: {type(exc).__name__}: {str(exc)[:160]}") from None
 
 
 def _unit_hash(route: str, ref: str, user: str) -> float:

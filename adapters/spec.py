@@ -39,6 +39,7 @@ CONVERT_HINT = (
 # four orders of magnitude above what real adapters hold and representable in fp16 (max 65504), and it keeps a
 # hostile adapter from carrying values like 1e30 that overflow activations by themselves. (A bounded adapter can
 # still drive its own request's activations to inf; the engine keeps that from reaching any other request.)
+MAX_ADAPTER_WEIGHT = 10.0  # |weight| of one adapter in a per-request mixture or merge (server and engine)
 MAX_ABS_VALUE = 1e4
 
 

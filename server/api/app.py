@@ -40,8 +40,6 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys: KeyStore, me
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(KeyGate, keys=keys)  # added last: runs first
-    app.state.backend = backend
-    app.state.resolver = resolver
     app.state.api = ApiState(backend, resolver, keys, metrics, limits,
                              Admission(backend, limits.max_queue, metrics), metrics_open)
     for router in ROUTERS:

@@ -26,7 +26,7 @@ async def health():
 @router.get("/ready")
 async def ready(st: ApiState = Depends(api_state)):
     """200 while the engine serves; 503 while it is down or restarting (so a load balancer drains this replica)."""
-    if not getattr(st.backend, "ready", True):
+    if not st.backend.ready:
         raise EngineUnavailableError("the engine is restarting")
     return {"status": "ready", "model": st.resolver.base_id}
 

@@ -23,7 +23,7 @@ from ..lora.weights import LoraWeights
 from ..model.decoder import Decoder
 from ..model.kv_cache import CacheShape, KVCache
 from .batch import Work, build_step
-from .request import check_mixture
+from .request import MAX_MIXTURE, check_mixture
 from .sampling import Sampler, SamplingParams, make_generator
 from .scheduler import SchedulerConfig, Scheduler
 from .sequence import RequestOutput, Sequence, Status
@@ -122,7 +122,8 @@ class Engine:
         from ..lora.merge import merge
 
         names = list(sources)
-        check_mixture([(n, w) for n, w in zip(names, spec.weights)])
+        if len(set(names)) != len(names) or len(names) > MAX_MIXTURE:
+            raise ValueError(f"a merge takes at most {MAX_MIXTURE} distinct adapters")
         if spec.svd_rank is not None and spec.svd_rank > self.config.max_lora_rank:
             raise ValueError(f"svd_rank must be at most max_lora_rank ({self.config.max_lora_rank}), got {spec.svd_rank}")
         name = f"merge-{spec.cache_key(names)[:20]}"
@@ -197,11 +198,12 @@ class Engine:
     def _fail_step(self, exc: Exception, waiting: bool = False) -> list[RequestOutput]:
         """End every request this step held (running, or admitted by the failed plan; with ``waiting``, the
         queued ones too) with an error output."""
-        log.error("engine step failed; ending its %d request(s): %s: %s", len(self.scheduler.running),
-                  type(exc).__name__, exc, exc_info=exc)
+        ended = list(self.scheduler.running) + (list(self.scheduler.waiting) if waiting else [])
+        log.error("engine step failed; ending its %d request(s): %s: %s", len(ended), type(exc).__name__, exc,
+                  exc_info=exc)
         error = EngineError(f"the engine failed while serving this request ({type(exc).__name__})")
         outputs = []
-        for seq in list(self.scheduler.running) + (list(self.scheduler.waiting) if waiting else []):
+        for seq in ended:
             self.scheduler.finish(seq)
             outputs.append(self._fail(seq, error))
         return outputs

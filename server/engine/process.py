@@ -232,10 +232,10 @@ class EngineProcess:
             if self._closed:
                 return
             self._up = False
-            self._proc.join(1)
-            log.error("the engine process died (exit code %s); restarting it", self._proc.exitcode)
             self._fail_all(EngineUnavailableError("the engine stopped while serving this request and is restarting; "
                                                   "retry shortly"))
+            self._proc.join(1)
+            log.error("the engine process died (exit code %s); restarting it", self._proc.exitcode)
             delay = self._backoff[0]
             while not self._closed:
                 try:
@@ -245,6 +245,9 @@ class EngineProcess:
                     time.sleep(delay)
                     delay = min(delay * 2, self._backoff[1])
                     continue
+                if self._closed:  # closed while this child started: stop it too
+                    _stop(conn, proc)
+                    return
                 with self._send_lock:
                     self._conn, self._proc = conn, proc
                 self.restarts += 1
@@ -378,6 +381,16 @@ class EngineProcess:
         self._proc.join(10)
         if self._proc.is_alive():
             self._proc.kill()
+
+
+def _stop(conn, proc) -> None:
+    try:
+        conn.send(("stop",))
+    except OSError:
+        pass
+    proc.join(10)
+    if proc.is_alive():
+        proc.kill()
 
 
 def _run_sync(coro):

@@ -7,6 +7,8 @@ import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from loraplex.adapters.spec import MAX_ADAPTER_WEIGHT  # noqa: F401  (re-exported for the API's schemas)
+
 _EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
 MAX_STOP = 16
 MAX_STOP_CHARS = 256  # characters of one stop string
@@ -14,7 +16,6 @@ MAX_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOKEN_ID = 2**31 - 1  # ids and top_k fit int32 (the engine checks them against its vocabulary too)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
-MAX_ADAPTER_WEIGHT = 10.0  # |weight| of an adapter in a per-request mixture or merge
 MAX_MIXTURE = 8  # adapters in one mixture or merge
 MAX_REPETITION_PENALTY = 10.0  # past this every seen token is all but excluded already
 

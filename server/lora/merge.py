@@ -45,6 +45,7 @@ from typing import Callable, ClassVar, Literal
 import torch
 
 from loraplex.adapters.errors import InvalidAdapterError
+from loraplex.adapters.spec import MAX_ADAPTER_WEIGHT
 
 from .weights import PROJECTIONS, LoraModule, LoraWeights, ModuleKey
 
@@ -274,6 +275,8 @@ class MergeSpec:
         if isinstance(self.weights, (str, bytes)) or not hasattr(self.weights, "__iter__"):
             raise InvalidMergeError(f"merge weights must be a list of numbers, got {self.weights!r}")
         weights = tuple(_number(w, "weight") for w in self.weights)
+        if any(abs(w) > MAX_ADAPTER_WEIGHT for w in weights):
+            raise InvalidMergeError(f"merge weights must be in [-{MAX_ADAPTER_WEIGHT:g}, {MAX_ADAPTER_WEIGHT:g}]")
         if not weights:
             raise InvalidMergeError("merge needs at least one adapter weight")
         object.__setattr__(self, "weights", weights)

@@ -147,3 +147,38 @@ def test_store_ignoring_if_none_match_fails_pushes_with_a_clear_error(registry_u
     assert ok.aliases("m") == {"latest": 1} and RouteStore(ok).get("r") is None
     assert ok.storage.list(".loraplex/") == []  # the probe key was removed
     assert registry.fetch("m@1")[0].version == 1  # reading is unaffected
+
+
+# ---- log entries read from the bucket are bounded like the ones written here --------------------------------
+@pytest.mark.parametrize("arms", [
+    [{"ref": "a@1", "version": 1, "weight": "nan"}], [{"ref": "a@1", "version": 1, "weight": float("inf")}],
+    [{"ref": "a@1", "version": 1, "weight": 0}], [{"ref": "a@1", "version": 1, "weight": -1}],
+    [{"ref": f"a@{i}", "version": i, "weight": 1} for i in range(1, 100)], "not a list", [],
+])
+def test_a_tampered_route_entry_is_an_integrity_error(arms):
+    import json as _json
+
+    from loraplex.adapters.errors import IntegrityError
+    from loraplex.adapters.routes import Route
+
+    raw = _json.dumps({"name": "r", "arms": arms, "created_at": "t", "by": None, "seq": 1, "action": "set"}).encode()
+    with pytest.raises(IntegrityError, match="route entry"):
+        Route.from_json(raw, "routes/r/0000000001.json")
+
+
+@pytest.mark.parametrize("entry", [
+    {"alias": "prod", "version": "x", "previous": None, "at": "t", "by": None, "action": "tag"},
+    {"alias": "prod", "version": True, "previous": None, "at": "t", "by": None, "action": "tag"},
+    {"alias": "prod", "version": 0, "previous": None, "at": "t", "by": None, "action": "tag"},
+    {"alias": "prod", "version": 1, "previous": -3, "at": "t", "by": None, "action": "tag"},
+    {"alias": ["x"], "version": 1, "previous": None, "at": "t", "by": None, "action": "tag"},
+    {"alias": "prod", "version": 1, "previous": None, "at": "t", "by": None, "action": "tag", "extra": 1},
+])
+def test_a_tampered_alias_entry_is_an_integrity_error(entry):
+    import json as _json
+
+    from loraplex.adapters.errors import IntegrityError
+    from loraplex.adapters.registry import _alias_event
+
+    with pytest.raises(IntegrityError, match="alias entry"):
+        _alias_event(_json.dumps(entry).encode(), "x/aliases/prod/0000000001.json")

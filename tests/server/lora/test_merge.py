@@ -288,3 +288,11 @@ def test_cache_key():
     assert len({key, *variants}) == len(variants) + 1
     # a seed changes nothing for a strategy that draws no random numbers
     assert MergeSpec("cat", (1.0, 2.0), seed=1).cache_key(names) == MergeSpec("cat", (1.0, 2.0)).cache_key(names)
+
+
+@pytest.mark.parametrize("weight", [1e30, -11.0, float("nan")])
+def test_merge_weights_are_bounded(weight):
+    from loraplex.server.lora.merge import InvalidMergeError, MergeSpec
+
+    with pytest.raises(InvalidMergeError, match="weight"):
+        MergeSpec("linear", (1.0, weight))
