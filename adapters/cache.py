@@ -58,6 +58,13 @@ class AdapterCache:
     def default(cls, limits: Limits = Limits()) -> AdapterCache:
         return cls(Path.home() / ".loraplex" / "cache", limits)
 
+    def holds_adapters(self) -> bool:
+        """Whether any adapter version is cached here (what a replica can serve while the registry is down)."""
+        try:
+            return any((self.root / "adapters").iterdir())
+        except OSError:
+            return False
+
     def folder_for(self, manifest: Manifest) -> Path:
         return self.root / "adapters" / manifest.content_sha256
 

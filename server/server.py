@@ -13,6 +13,7 @@ from loraplex.adapters.routes import RouteStore
 from .api.app import RequestLimits, create_app
 from .api.auth import KeyStore
 from .api.metrics import Metrics
+from .api.registry_probe import RegistryProbe
 from .api.resolver import Resolver
 from .api.settings import ServerSettings
 
@@ -58,7 +59,7 @@ def _loopback(host: str) -> bool:
 def build_server(settings: ServerSettings) -> Server:
     reg_settings = load_settings(registry=settings.registry)
     registry = AdapterRegistry(reg_settings.registry, cache=AdapterCache(reg_settings.cache))
-    keys = KeyStore.load(settings.api_keys_file, settings.api_key)
+    keys = KeyStore.load(settings.api_keys_file, settings.api_key, settings.metrics_key)
     check_exposure(settings.host, keys.is_open, settings.allow_open)
     build = _native_backend if settings.engine == "native" else _vllm_backend
     backend = build(settings, reg_settings, registry)
@@ -66,7 +67,8 @@ def build_server(settings: ServerSettings) -> Server:
     resolver = Resolver(registry, info.id, info, RouteStore(registry), ttl=settings.registry_ttl)
     limits = RequestLimits(max_body_bytes=settings.max_body_bytes, max_tokens=settings.max_tokens,
                            max_queue=settings.max_queue, request_timeout=settings.request_timeout)
-    app = create_app(backend, resolver, keys=keys, metrics=Metrics(), limits=limits, metrics_open=settings.metrics_open)
+    app = create_app(backend, resolver, keys=keys, metrics=Metrics(), limits=limits, metrics_open=settings.metrics_open,
+                     registry_probe=RegistryProbe(registry).start())
     resident = backend.info["resident_bytes"]
     log.info("loraplex: base %s (%s engine, %s, %s%s) loaded in %.1f s; registry %s; %s", info.id, settings.engine,
              settings.quantization, settings.device, f", {resident / 1e6:.0f} MB resident" if resident else "",

@@ -22,6 +22,7 @@ from .auth import AuthenticationError, KeyStore
 from .backend import EngineBackend
 from .errors import RequestTooLargeError
 from .metrics import Metrics
+from .registry_probe import RegistryProbe
 from .resolver import Resolver
 from .state import ApiState, RequestLimits
 
@@ -33,15 +34,17 @@ PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/do
 
 
 def create_app(backend: EngineBackend, resolver: Resolver, *, keys: KeyStore, metrics: Metrics,
-               limits: RequestLimits = RequestLimits(), metrics_open: bool = False) -> FastAPI:
+               limits: RequestLimits = RequestLimits(), metrics_open: bool = False,
+               registry_probe: RegistryProbe | None = None) -> FastAPI:
     """The API over ``backend``: requests resolved by ``resolver``, guarded by ``keys`` and ``limits``,
-    observed by ``metrics`` (``GET /metrics`` without a key when ``metrics_open``)."""
+    observed by ``metrics`` (``GET /metrics`` without a key when ``metrics_open``); ``/ready`` also waits on
+    ``registry_probe`` when one is given."""
     app = FastAPI(title="loraplex", version="0.1.0", description="OpenAI-compatible multi-LoRA inference server")
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(KeyGate, keys=keys)  # added last: runs first
     app.state.api = ApiState(backend, resolver, keys, metrics, limits,
-                             Admission(backend, limits.max_queue, metrics), metrics_open)
+                             Admission(backend, limits.max_queue, metrics), metrics_open, registry_probe)
     for router in ROUTERS:
         app.include_router(router)
     return app

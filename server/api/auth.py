@@ -20,7 +20,8 @@ list, refresh), ``metrics`` (``GET /metrics``, which shows every tenant's adapte
 operator opens it). The adapter patterns bind every scope: an admin key with ``acme-*`` loads, unloads,
 pins and lists only ``acme-*`` names. ``max_concurrent`` caps the key's generations in flight (429 past
 it). Exactly one of ``key`` and ``key_sha256`` per entry. A single key given as a value (what
-``LORAPLEX_API_KEY`` holds; the caller reads the environment) gets every scope and every adapter.
+``LORAPLEX_API_KEY`` holds; the caller reads the environment) gets every scope and every adapter; one
+given as ``LORAPLEX_METRICS_KEY`` only the ``metrics`` scope (for a Prometheus scrape).
 No file and no key gives an open server: every request is let in with every scope.
 
 Matching is constant time with respect to which key matched: the SHA-256 digest of the presented key
@@ -46,6 +47,7 @@ METRICS = "metrics"
 SCOPES = (INFERENCE, ADMIN, METRICS)
 MIN_KEY_LENGTH = 16
 ENV_KEY_NAME = "api-key"  # the name the single key from LORAPLEX_API_KEY has in logs and metrics
+METRICS_KEY_NAME = "metrics-key"  # the key from LORAPLEX_METRICS_KEY: the metrics scope only
 
 _FIELDS = ("name", "key", "key_sha256", "scopes", "adapters", "max_concurrent")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -204,13 +206,24 @@ class KeyStore:
         return cls.from_keys(data["keys"], api_key=api_key, source=str(path))
 
     @classmethod
-    def load(cls, path: str | Path | None = None, api_key: str | None = None) -> KeyStore:
-        """What the app calls with its settings: a file and/or a single key, else an open server."""
+    def load(cls, path: str | Path | None = None, api_key: str | None = None,
+             metrics_key: str | None = None) -> KeyStore:
+        """What the app calls with its settings: a file and/or a single key, else an open server; plus a key
+        that may only read ``/metrics`` (``LORAPLEX_METRICS_KEY``, what a Prometheus scrape presents)."""
         if path:
-            return cls.from_file(path, api_key=api_key)
-        if api_key is not None:
-            return cls.from_api_key(api_key)
-        return cls.open()
+            store = cls.from_file(path, api_key=api_key)
+        elif api_key is not None:
+            store = cls.from_api_key(api_key)
+        else:
+            store = cls.open()
+        if metrics_key is None:
+            return store
+        if store.is_open:
+            raise ConfigError("LORAPLEX_METRICS_KEY needs API keys as well: without them the server is open "
+                              "(set LORAPLEX_API_KEY or LORAPLEX_API_KEYS_FILE)")
+        keys = [*store._keys, _env_key(metrics_key, METRICS_KEY_NAME, frozenset({METRICS}), "LORAPLEX_METRICS_KEY")]
+        _check_duplicates(keys, store.source)
+        return cls(keys, source=store.source)
 
     # queries
     @property
@@ -268,12 +281,13 @@ class KeyStore:
 # ---- parsing ----------------------------------------------------------------------------------------
 
 
-def _env_key(api_key: str) -> ApiKey:
+def _env_key(api_key: str, name: str = "", scopes: frozenset[str] = frozenset(SCOPES),
+             where: str = "LORAPLEX_API_KEY") -> ApiKey:
     if not isinstance(api_key, str):
-        raise ConfigError("LORAPLEX_API_KEY must be a string")
+        raise ConfigError(f"{where} must be a string")
     key = api_key.strip()
-    _check_plain_key(key, "LORAPLEX_API_KEY")
-    return ApiKey(ENV_KEY_NAME, hashlib.sha256(key.encode("utf-8")).digest(), frozenset(SCOPES), ("*",))
+    _check_plain_key(key, where)
+    return ApiKey(name or ENV_KEY_NAME, hashlib.sha256(key.encode("utf-8")).digest(), scopes, ("*",))
 
 
 def _check_plain_key(key: str, where: str) -> None:

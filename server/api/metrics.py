@@ -198,13 +198,18 @@ class Metrics:
                 self.adapter_load_seconds.observe(max(0.0, seconds))
 
     def update_adapter_cache(self, stats: Any) -> None:
-        """:meth:`set_adapter_cache` from an ``AdapterStats``-like object whose ``load_seconds`` is the
-        growing list of every load's duration (only the entries not seen before are observed)."""
+        """:meth:`set_adapter_cache` from an ``AdapterStats``-like object whose ``load_seconds`` lists load
+        durations: every one so far, or the latest ones when ``load_seconds_count`` (how many there were in
+        all) is given. Only the entries not seen before are observed (at most those still listed)."""
         durations = list(getattr(stats, "load_seconds", ()) or ())
+        total = getattr(stats, "load_seconds_count", None)
+        total = len(durations) if total is None else int(total)
         with self._lock:
-            seen = self._load_seconds_seen if self._load_seconds_seen <= len(durations) else 0
-            self._load_seconds_seen = len(durations)
-        self.set_adapter_cache(stats.hits, stats.misses, stats.loads, stats.evictions, durations[seen:])
+            seen = self._load_seconds_seen if self._load_seconds_seen <= total else 0
+            self._load_seconds_seen = total
+        new = min(total - seen, len(durations))
+        self.set_adapter_cache(stats.hits, stats.misses, stats.loads, stats.evictions,
+                               durations[len(durations) - new:] if new > 0 else [])
 
     def _advance(self, name: str, counter: Counter, total: float) -> None:
         last = self._totals.get(name, 0)

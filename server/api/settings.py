@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Settings without a ``serve`` flag of their own: the registry comes from the ``--registry`` flag every
 # loraplex command takes, and a key given on the command line would show in ``ps`` and the shell's history.
-NOT_FLAGS = frozenset({"registry", "api_key"})
+NOT_FLAGS = frozenset({"registry", "api_key", "metrics_key"})
 
 
 class ServerSettings(BaseSettings):
@@ -38,6 +38,8 @@ class ServerSettings(BaseSettings):
     api_keys_file: Path | None = Field(default=None, description="YAML file of API keys, scopes and adapter patterns "
                                                                  "(none, and no api_key: an open server)")
     api_key: str | None = Field(default=None, description="one key with every scope and adapter")
+    metrics_key: str | None = Field(default=None, description="one key that may only read GET /metrics "
+                                                              "(for a Prometheus scrape)")
     allow_open: bool = Field(default=False, description="serve without API keys on an address other than loopback "
                                                         "(anyone who reaches it may use and administer every adapter)")
     metrics_open: bool = Field(default=False, description="serve GET /metrics without a key (it names every "

@@ -16,6 +16,7 @@ from .admission import Admission
 from .auth import KeyStore, Principal
 from .backend import EngineBackend
 from .metrics import Metrics
+from .registry_probe import RegistryProbe
 from .resolver import Resolver, Served
 
 __all__ = ["ApiState", "RequestLimits", "api_state"]
@@ -44,6 +45,7 @@ class ApiState:
     limits: RequestLimits
     admission: Admission  # the bounded queue in front of the engine
     metrics_open: bool = False  # GET /metrics without a key (else it needs the ``metrics`` scope)
+    registry_probe: RegistryProbe | None = None  # /ready waits for the registry (or a local cache) when set
     text_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(TEXT_WORKERS, thread_name_prefix="loraplex-text"))
 

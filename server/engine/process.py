@@ -27,6 +27,7 @@ import multiprocessing as mp
 import pickle
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from loraplex.adapters.errors import EngineUnavailableError, LoraplexError
 from .request import RequestOutput, SamplingParams, drain
 
 _STATS_EVERY = 0.25  # seconds between stats messages while idle
+_LOADS_KEPT = 1024  # load durations the API process keeps for /metrics (a scrape observes the new ones)
 log = logging.getLogger("loraplex.engine")
 
 
@@ -63,7 +65,7 @@ def _take(items: list) -> list:
     return out
 
 
-def _engine_main(conn, launch: EngineLaunch) -> None:  # runs in the child process
+def _engine_main(conn, launch: EngineLaunch, pins: tuple[str, ...] = ()) -> None:  # runs in the child process
     from loraplex.adapters import AdapterCache, AdapterRegistry
 
     from .engine import build_engine
@@ -79,6 +81,12 @@ def _engine_main(conn, launch: EngineLaunch) -> None:  # runs in the child proce
                          "tokenizer": tok_dir, "load_seconds": loaded.load_seconds,
                          "base_info": loaded.info, "resident_bytes": loaded.resident_bytes()}))
     pinned: set[str] = set()
+    for name in pins:  # what the API pinned in an earlier child (a restart keeps pins)
+        try:
+            engine.adapters.pin(name)
+            pinned.add(name)
+        except Exception as exc:  # noqa: BLE001  e.g. removed from the registry since: serve without it
+            log.warning("could not pin %s again after a restart: %s", name, exc)
     steps, last_batch, last_stats = 0, 0, 0.0
 
     def stats() -> dict:
@@ -172,6 +180,7 @@ class EngineProcess:
     def __init__(self, launch: EngineLaunch, start_timeout: float = 900.0,
                  restart_backoff: tuple[float, float] = (0.5, 30.0)) -> None:
         self._launch, self._start_timeout, self._backoff = launch, start_timeout, restart_backoff
+        self._pinned: set[str] = set()  # what the API pinned: a restarted child pins them again
         self._conn, self._proc, info = self._spawn()  # the first start's failure is the caller's
         self.info = info
         self.base_model: str = info["base_model"]
@@ -186,7 +195,9 @@ class EngineProcess:
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ids = itertools.count()
         self.restarts = 0
-        self._load_seconds: list[float] = []  # every adapter load's duration, all children together
+        self._load_seconds: deque[float] = deque(maxlen=_LOADS_KEPT)  # the latest adapter loads' durations
+        self._loads_timed = 0  # how many load durations all children together reported
+        self._loads_lock = threading.Lock()
         self._stats: dict = self._idle_stats()
         self._up = True  # False from the child's death until its replacement is ready
         self._closed = False
@@ -200,7 +211,8 @@ class EngineProcess:
         conn, child = ctx.Pipe()
         # Not a daemon, so it may start processes of its own; it exits by itself when this process
         # goes away (its end of the pipe then reads EOF).
-        proc = ctx.Process(target=_engine_main, args=(child, self._launch), name="loraplex-engine", daemon=False)
+        proc = ctx.Process(target=_engine_main, args=(child, self._launch, tuple(sorted(self._pinned))),
+                           name="loraplex-engine", daemon=False)
         proc.start()
         child.close()
         if not conn.poll(self._start_timeout):
@@ -218,8 +230,7 @@ class EngineProcess:
 
     def _idle_stats(self) -> dict:
         return {"running": 0, "waiting": 0, "kv_slots_used": 0, "kv_slots_total": 1, "batch_tokens": 0, "steps": 0,
-                "cache_hits": 0, "cache_misses": 0, "loads": 0, "evictions": 0, "load_seconds": self._load_seconds,
-                "restarts": self.restarts}
+                "cache_hits": 0, "cache_misses": 0, "loads": 0, "evictions": 0, "restarts": self.restarts}
 
     @property
     def ready(self) -> bool:
@@ -301,11 +312,15 @@ class EngineProcess:
                     loop.call_soon_threadsafe(_settle, fut, ok, value)
 
     def _merge_stats(self, stats: dict) -> dict:
-        """The child's stats plus what this process keeps across messages and restarts: every load's duration
-        (the child sends only the new ones, so a step's message stays small however many loads there were) and
-        the restart count."""
-        self._load_seconds.extend(stats.pop("load_seconds_new", ()))
-        return {**stats, "load_seconds": self._load_seconds, "restarts": self.restarts}
+        """The child's stats plus what this process keeps across messages and restarts: the latest loads'
+        durations with the count of all of them (the child sends only the new ones, so a step's message stays
+        small however many loads there were; this process keeps a bounded window) and the restart count."""
+        new = stats.pop("load_seconds_new", ())
+        if new:
+            with self._loads_lock:
+                self._load_seconds.extend(new)
+                self._loads_timed += len(new)
+        return {**stats, "restarts": self.restarts}
 
     def _fail_all(self, exc: Exception) -> None:
         for loop, q in list(self._streams.values()):
@@ -362,12 +377,14 @@ class EngineProcess:
 
     async def pin(self, name: str, pinned: bool) -> None:
         await self._call("pin", name, pinned)
+        (self._pinned.add if pinned else self._pinned.discard)(name)
 
     async def adapters(self) -> dict[str, dict]:
         return await self._call("adapters")
 
     def stats(self) -> dict:
-        return self._stats
+        with self._loads_lock:
+            return {**self._stats, "load_seconds": list(self._load_seconds), "load_seconds_count": self._loads_timed}
 
     def close(self) -> None:
         if self._closed:

@@ -375,6 +375,23 @@ def test_compose_requires_an_api_key():
     assert re.fullmatch(r"\$\{LORAPLEX_API_KEY:\?.+\}", env["LORAPLEX_API_KEY"]), env["LORAPLEX_API_KEY"]
 
 
+def test_compose_metrics_need_a_key_that_prometheus_presents():
+    """Port 8000 is public in compose, and /metrics names every tenant's adapters: it is not opened; Prometheus
+    scrapes with a metrics-only key that both services read from the same variable."""
+    compose = _compose()
+    env = compose["services"]["loraplex"]["environment"]
+    assert str(env.get("LORAPLEX_METRICS_OPEN", "false")).lower() == "false"
+    assert re.fullmatch(r"\$\{LORAPLEX_METRICS_KEY:\?.+\}", env["LORAPLEX_METRICS_KEY"])
+    prom = compose["services"]["prometheus"]
+    assert re.fullmatch(r"\$\{LORAPLEX_METRICS_KEY:\?.+\}", prom["environment"]["LORAPLEX_METRICS_KEY"])
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "loraplex"]
+    key_file = job["authorization"]["credentials_file"]
+    assert job["authorization"].get("type", "Bearer") == "Bearer"
+    script = " ".join(prom["command"])
+    assert f'> {key_file}' in script and '"$$LORAPLEX_METRICS_KEY"' in script and "exec /bin/prometheus" in script
+
+
 # ---- Dockerfile, README and the served command -------------------------------------------------------------
 
 def _dockerfile() -> list[tuple[str, str]]:

@@ -253,3 +253,15 @@ def test_from_keys_defaults():
     assert b.scopes == {"admin"} and b.patterns == ("team-b-*",)
     with pytest.raises(ConfigError, match=r"^keys: keys\[1\] \(b\): unknown scope"):
         KeyStore.from_keys([{"name": "a", "key": ACME_KEY}, {"name": "b", "key": OPS_KEY, "scopes": ["x"]}])
+
+
+def test_a_metrics_key_reads_metrics_and_nothing_else():
+    store = KeyStore.load(api_key=OPS_KEY, metrics_key="scrape-key-0123456789abcdef")
+    who = store.authenticate("Bearer scrape-key-0123456789abcdef", None)
+    assert who.scopes == frozenset({"metrics"}) and who.name == "metrics-key"
+    with pytest.raises(ConfigError, match="needs API keys"):  # alone it would leave the server open
+        KeyStore.load(metrics_key="scrape-key-0123456789abcdef")
+    with pytest.raises(ConfigError, match="same key"):
+        KeyStore.load(api_key=OPS_KEY, metrics_key=OPS_KEY)
+    with pytest.raises(ConfigError, match="LORAPLEX_METRICS_KEY"):
+        KeyStore.load(api_key=OPS_KEY, metrics_key="short")

@@ -2,7 +2,7 @@
 
 kill -9 of the engine child while requests stream: every client gets a complete answer or a clean error (an
 OpenAI error envelope, or the stream's error event), none hangs; ``/ready`` answers 503 until the new child is up,
-then the server serves again and ``/metrics`` counts the restart.
+then the server serves again (pins kept) and ``/metrics`` counts the restart.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def server(tmp_path_factory):
 
 def test_kill_9_of_the_engine_mid_stream(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    assert httpx.post(server.url + "/v1/adapters/helper@1/pin", timeout=30).json()["pinned"] is True
     results: dict[str, str] = {}
     started = threading.Barrier(6)  # 4 streams, the plain request, this thread
 
@@ -106,6 +107,8 @@ def test_kill_9_of_the_engine_mid_stream(server):
     assert server.backend._proc.pid != pid
     r = client.chat.completions.create(model="helper", messages=MSG, max_tokens=4, temperature=0)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
+    listed = httpx.get(server.url + "/v1/adapters", timeout=5).json()
+    assert {a["id"]: a["pinned"] for a in listed["data"]}.get("helper@1") is True, listed  # the pin survived
     metrics = httpx.get(server.url + "/metrics", timeout=5).text
     assert "loraplex_engine_restarts_total 1.0" in metrics
     loads = [float(x.split()[-1]) for x in metrics.splitlines() if x.startswith("loraplex_adapter_load_seconds_count")]

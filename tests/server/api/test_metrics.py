@@ -217,3 +217,18 @@ def test_quantile():
     assert quantile([(1.0, 10), (2.0, 20), (float("inf"), 20)], 0.5) == pytest.approx(1.0)
     assert quantile([(1.0, 0), (2.0, 10), (float("inf"), 10)], 0.5) == pytest.approx(1.5)
     assert quantile([(1.0, 0), (2.0, 0), (float("inf"), 4)], 0.5) == pytest.approx(2.0)  # +Inf: highest bound
+
+
+def test_a_bounded_window_of_load_times_with_their_count():
+    """The engine process keeps only the latest load durations; the count says how many there were in all."""
+    m = Metrics()
+    m.update_adapter_cache(SimpleNamespace(hits=0, misses=3, loads=3, evictions=0, load_seconds=[0.1, 0.2, 0.3],
+                                           load_seconds_count=3))
+    # five more loads happened, the window now holds the latest three of all eight
+    m.update_adapter_cache(SimpleNamespace(hits=0, misses=8, loads=8, evictions=0, load_seconds=[0.6, 0.7, 0.8],
+                                           load_seconds_count=8))
+    assert value(m, "loraplex_adapter_load_seconds_count") == 6  # 3 + the 3 still listed (2 fell out unseen)
+    m.update_adapter_cache(SimpleNamespace(hits=0, misses=9, loads=9, evictions=0, load_seconds=[0.7, 0.8, 0.9],
+                                           load_seconds_count=9))
+    assert value(m, "loraplex_adapter_load_seconds_count") == 7
+    assert value(m, "loraplex_adapter_load_seconds_sum") == pytest.approx(0.6 + 2.1 + 0.9)

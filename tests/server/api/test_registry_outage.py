@@ -62,3 +62,50 @@ def test_resolved_adapters_serve_through_a_registry_outage(tmp_path, monkeypatch
         run(main())
     finally:
         store.stop()
+
+
+def test_ready_at_start_waits_for_the_registry_only_when_nothing_is_cached(tmp_path, monkeypatch):
+    import time
+
+    import httpx
+
+    from loraplex.server.api.registry_probe import RegistryProbe
+
+    store = SeaweedServer().start()
+    try:
+        for k, v in store.env().items():
+            monkeypatch.setenv(k, v)
+        uri = f"s3://{store.make_bucket('probe')}/r?endpoint_url={store.endpoint}"
+        base = write_base_config(tmp_path / "tiny-base")
+        warm = AdapterRegistry(uri, cache=AdapterCache(tmp_path / "warm"))
+        warm.push(write_adapter(tmp_path / "a"), "helper", base_model=str(base))
+        warm.fetch("helper@1")  # this replica's cache holds a version
+        info = resolve_base_model(str(base))
+        up = RegistryProbe(AdapterRegistry(uri, cache=AdapterCache(tmp_path / "cold")), interval=0.1).start()
+        deadline = time.monotonic() + 30
+        while not up.ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+        store.stop()
+
+        def ready_status(registry: AdapterRegistry) -> tuple[int, dict]:
+            probe = RegistryProbe(registry, interval=0.1).start()
+            app = create_app(ScriptedBackend(info.id), Resolver(registry, info.id, info), keys=KeyStore.open(),
+                             metrics=Metrics(), registry_probe=probe)
+            deadline = time.monotonic() + 30
+            while not (probe.reason or probe.ready) and time.monotonic() < deadline:  # the first probe's answer
+                time.sleep(0.05)
+
+            async def main():
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c:
+                    r = await c.get("/ready")
+                    return r.status_code, r.json()
+
+            return run(main())
+
+        status, body = ready_status(AdapterRegistry(uri, cache=AdapterCache(tmp_path / "cold")))
+        assert status == 503 and "registry is unavailable" in body["error"]["message"], body
+        assert store.endpoint not in str(body)
+        assert ready_status(AdapterRegistry(uri, cache=AdapterCache(tmp_path / "warm")))[0] == 200
+        assert up.ready  # a replica whose registry answered once stays ready through a later outage
+    finally:
+        store.stop()
