@@ -155,22 +155,56 @@ def _check_fingerprint(fp: object) -> None:
           f"base_fingerprint.fingerprint {_one_line(fp.get('fingerprint'))} does not match its fields ({info.fingerprint})")
 
 
+MAX_SHORT_TEXT = 1024  # characters of a one-line field (base_model, dtype, creator, created_at, a target module)
+MAX_MESSAGE = 8192  # characters of a version's message
+MAX_TRAINING_BYTES = 256 * 1024  # the training record as JSON
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # what a terminal may act on (tab and newline aside)
+
+
+def text_problem(value: object, limit: int = MAX_SHORT_TEXT, multiline: bool = False) -> str | None:
+    """Why ``value`` is not a string a terminal or a log may show as it is (None: it is). Manifests are read
+    from a bucket anyone with write access may fill, and the CLI prints these fields."""
+    if not isinstance(value, str):
+        return "must be a string"
+    if len(value) > limit:
+        return f"is {len(value)} characters long, above the limit of {limit}"
+    if _CONTROL.search(value) or (not multiline and ("\n" in value or "\t" in value)):
+        return "contains control characters"
+    return None
+
+
+def check_text(value: object, what: str, limit: int = MAX_SHORT_TEXT, multiline: bool = False) -> None:
+    """Raise ``InvalidNameError`` (a 400, one line) when ``value`` is not printable text within ``limit``."""
+    problem = text_problem(value, limit, multiline)
+    if problem is not None:
+        raise InvalidNameError(f"{what} {problem}")
+
+
+def _text(limit: int = MAX_SHORT_TEXT, multiline: bool = False, null: bool = False):
+    return lambda v: (null and v is None) or text_problem(v, limit, multiline) is None
+
+
+def _json_size(v: object) -> int:
+    return len(json.dumps(v, separators=(",", ":")))
+
+
 # field -> (check, what it must be)
 _FIELD_TYPES = {
-    "base_model": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "base_model": (_text(null=True), f"a string of printable characters (at most {MAX_SHORT_TEXT}) or null"),
     "rank": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "alpha": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a finite number"),
-    "target_modules": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
-                       "a string or a list of strings"),
+    "target_modules": (lambda v: _text()(v) or (isinstance(v, list) and len(v) <= 1024 and all(_text()(t) for t in v)),
+                       "a string or a list of at most 1024 strings of printable characters"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
     "modules": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "num_params": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
-    "dtype": (lambda v: isinstance(v, str), "a string"),
-    "created_at": (lambda v: isinstance(v, str), "a string"),
-    "creator": (lambda v: v is None or isinstance(v, str), "a string or null"),
-    "message": (lambda v: isinstance(v, str), "a string"),
-    "training": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "dtype": (_text(), "a string of printable characters"),
+    "created_at": (_text(), "a string of printable characters"),
+    "creator": (_text(null=True), "a string of printable characters or null"),
+    "message": (_text(MAX_MESSAGE, multiline=True), f"text of at most {MAX_MESSAGE} characters without control characters"),
+    "training": (lambda v: v is None or (isinstance(v, dict) and _json_size(v) <= MAX_TRAINING_BYTES),
+                 f"an object of at most {MAX_TRAINING_BYTES} bytes as JSON, or null"),
     "extra": (lambda v: isinstance(v, dict), "an object"),
 }
 

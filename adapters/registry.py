@@ -41,7 +41,7 @@ from .cache import AdapterCache
 from .errors import (
     ConfigError, ConflictError, IncompatibleBaseError, IntegrityError, InvalidNameError, NotFoundError, StorageError,
 )
-from .manifest import MAX_MANIFEST_BYTES, Manifest, hash_file
+from .manifest import MAX_MANIFEST_BYTES, MAX_MESSAGE, MAX_TRAINING_BYTES, Manifest, check_text, hash_file
 from .reference import LATEST, AdapterRef, check_alias, check_name
 from .spec import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE, Limits, validate_adapter
 from .storage import ProgressFactory, Storage, check_exclusive_create, open_storage
@@ -212,12 +212,19 @@ class AdapterRegistry:
         progress: ProgressFactory | None = None,
     ) -> PushResult:
         check_name(name)
+        check_text(message, "the message", MAX_MESSAGE, multiline=True)
+        if creator is not None:
+            check_text(creator, "the creator")
+        if training is not None and len(json.dumps(training, default=str)) > MAX_TRAINING_BYTES:
+            raise InvalidNameError(f"the training record is larger than {MAX_TRAINING_BYTES} bytes as JSON")
         if alias is not None:
             check_alias(alias)
             if alias == LATEST:
                 raise ConflictError("'latest' always follows the newest version; it cannot be set")
         folder = Path(folder)
         base_id, base = self._base_for(folder, base_model)
+        if base_id is not None:
+            check_text(base_id, "the base model id")
         spec = validate_adapter(folder, base, self.limits)
         files = {f: hash_file(folder / f) for f in ADAPTER_FILES}
         if not force:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from .auth import Principal
 from .backend import EngineBackend
 from .errors import OverloadedError
-from .metrics import Metrics
+from .metrics import OTHER, Metrics
 
 
 class Ticket:
@@ -62,6 +62,16 @@ class Admission:
     def capacity(self) -> int:
         """The engine's concurrent requests (its KV slots, read now) plus the queue."""
         return self.backend.stats()["kv_slots_total"] + self.max_queue
+
+    def check_key(self, who: Principal, n: int = 1) -> None:
+        """Refuse (429) a key already at its ``max_concurrent`` before anything is done for its request (the
+        registry is not asked, no template rendered); :meth:`admit` checks again when it takes the places. The
+        refusal is counted under the ``other`` adapter label: the request's adapter is not resolved yet."""
+        limit = who.max_concurrent
+        if limit is not None and self._per_key.get(who.name, 0) + n > limit:
+            self._reject(OTHER, "")
+            raise OverloadedError(f"API key {who.name!r} has {self._per_key.get(who.name, 0)} of its {limit} "
+                                  "concurrent generations in flight; retry later", 1)
 
     def admit(self, n: int = 1, *, adapter: str = "base", version: str = "", who: Principal | None = None) -> Ticket:
         """Hold ``n`` places, or raise ``OverloadedError`` (429) when they do not fit the server, or the

@@ -24,7 +24,7 @@ from .errors import RequestTooLargeError
 from .metrics import Metrics
 from .registry_probe import RegistryProbe
 from .resolver import Resolver
-from .state import ApiState, RequestLimits
+from .state import PRINCIPAL, ApiState, RequestLimits
 
 __all__ = ["BodyLimit", "KeyGate", "RequestLimits", "create_app"]
 
@@ -64,9 +64,10 @@ class KeyGate:
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
         try:
-            self.keys.authenticate(headers.get("authorization"), headers.get("x-api-key"))
+            who = self.keys.authenticate(headers.get("authorization"), headers.get("x-api-key"))
         except AuthenticationError as exc:
             return await errors.from_exception(exc)(scope, receive, send)
+        scope.setdefault("state", {})[PRINCIPAL] = who  # the route reads it: one key check per request
         return await self.app(scope, receive, send)
 
 

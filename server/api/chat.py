@@ -22,6 +22,7 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def chat(req: ChatCompletionRequest, request: Request, st: ApiState = Depends(api_state)):
     who = st.principal(request, INFERENCE)
+    st.admission.check_key(who)
     user = request.headers.get("x-loraplex-user") or req.user
     served = await st.resolve(req, user, who)
     backend, limits = st.backend, st.limits

@@ -27,10 +27,11 @@ async def completions(req: CompletionRequest, request: Request, st: ApiState = D
     who = st.principal(request, INFERENCE)
     if req.echo:
         raise InvalidAdapterError("echo is not supported")
+    prompts = req.prompts()
+    st.admission.check_key(who, len(prompts))
     user = request.headers.get("x-loraplex-user") or req.user
     served = await st.resolve(req, user, who)
     backend, limits = st.backend, st.limits
-    prompts = req.prompts()
     params = req.sampling(min(req.max_tokens or 16, limits.max_tokens), req.logprobs)
     if req.stream and len(prompts) != 1:
         raise InvalidAdapterError("streaming takes one prompt per request")

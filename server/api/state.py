@@ -19,6 +19,8 @@ from .metrics import Metrics
 from .registry_probe import RegistryProbe
 from .resolver import Resolver, Served
 
+PRINCIPAL = "loraplex.principal"  # where KeyGate leaves the authenticated Principal in the ASGI scope's state
+
 __all__ = ["ApiState", "RequestLimits", "api_state"]
 
 TEXT_WORKERS = 2  # threads for chat templates and logprob detokenization (apart from the registry's threadpool)
@@ -29,7 +31,7 @@ class RequestLimits:
     """What one HTTP request may ask of the server (not an adapter's limits: see ``adapters.spec.Limits``)."""
 
     max_body_bytes: int = 1 << 20  # bytes of a request body, else 413
-    max_tokens: int = 4096  # cap on a request's max_tokens
+    max_tokens: int = 2048  # cap on a request's max_tokens (the server setting's default)
     max_queue: int = 256  # waiting requests before 429
     request_timeout: float = 600.0  # seconds for a whole request
 
@@ -51,7 +53,9 @@ class ApiState:
 
     def principal(self, request: Request, scope: str) -> Principal:
         """Who the request acts as; 401 without a valid key, 403 without ``scope``."""
-        p = self.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        p = request.scope.get("state", {}).get(PRINCIPAL)  # KeyGate authenticated it already
+        if p is None:
+            p = self.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
         p.require(scope)
         return p
 

@@ -182,3 +182,20 @@ def test_a_tampered_alias_entry_is_an_integrity_error(entry):
 
     with pytest.raises(IntegrityError, match="alias entry"):
         _alias_event(_json.dumps(entry).encode(), "x/aliases/prod/0000000001.json")
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("message", "release\x1b[2J\x1b]0;pwned\x07", "the message contains control characters"),
+    ("message", "m" * 9000, "the message is 9000 characters long"),
+    ("creator", "me\nroot", "the creator contains control characters"),
+    ("training", {"log": "x" * 300_000}, "the training record is larger than"),
+])
+def test_push_refuses_text_a_terminal_would_act_on_and_writes_nothing(registry, make_adapter, field, value, expected):
+    """What push writes, every later reader must accept: the manifest's text fields are bounded and printable."""
+    from loraplex.adapters.errors import InvalidNameError
+
+    with pytest.raises(InvalidNameError, match=expected):
+        registry.push(make_adapter(), "txt", **{field: value})
+    assert registry.names() == []
+    ok = registry.push(make_adapter(), "txt", message="line one\nline two\tand a tab")  # newlines and tabs are text
+    assert registry.versions("txt")[0].message == "line one\nline two\tand a tab" and ok.created
