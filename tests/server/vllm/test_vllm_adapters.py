@@ -90,3 +90,100 @@ def test_bad_adapters_are_refused_before_vllm_sees_them(catalog, folders, tmp_pa
         small.check("mlp16rs@1")
     with pytest.raises((IncompatibleBaseError, InvalidAdapterError)):
         small.check("foreign@1")
+
+
+# ---- bounds: derived adapters (folders, ids) and checked adapters ------------------------------------------
+@pytest.fixture
+def bounded(folders, tmp_path):
+    """A catalog that keeps at most 3 derived adapters; the ids it tells vLLM to drop are in ``evicted``."""
+    reg = AdapterRegistry((tmp_path / "registry").as_uri(), cache=AdapterCache(tmp_path / "cache"))
+    for name, folder in folders.items():
+        reg.push(folder, name)
+    evicted: list[int] = []
+    cat = AdapterCatalog(reg, INFO, 32, DerivedStore(tmp_path / "derived", "tiny"), max_derived=3,
+                         on_evict=evicted.append)
+    cat.evicted = evicted
+    return cat
+
+
+def mix(w: float) -> list[tuple[str, float]]:
+    return [("qv4@1", w), ("all8@1", 1 - w)]
+
+
+def test_derived_adapters_are_bounded_and_rebuilt(bounded):
+    """More distinct mixtures than the bound: at most 3 folders on disk, the least recently used evicted
+    (folder deleted, id dropped and told to vLLM); one asked again is rebuilt, same bytes, a new id."""
+    first = bounded.resolve(mix(0.1))
+    first_id = bounded.lora_id(first)
+    first_bytes = (first.folder / "adapter_model.safetensors").read_bytes()
+    ids = {first_id}
+    for i in range(2, 8):
+        ids.add(bounded.lora_id(bounded.resolve(mix(i / 10))))
+        on_disk = bounded.derived.names()
+        assert len(on_disk) <= 3 and on_disk == sorted(bounded.derived_names())
+    assert len(ids) == 7  # one id each
+    assert not first.folder.exists() and first.name not in bounded.derived_names()
+    assert sorted(bounded.evicted) == sorted(ids)[:4]  # the 4 oldest, each told once
+    again = bounded.resolve(mix(0.1))
+    assert again.name == first.name and again.folder.is_dir() and len(bounded.derived.names()) == 3
+    assert (again.folder / "adapter_model.safetensors").read_bytes() == first_bytes
+    assert bounded.lora_id(again) not in ids  # an id is never reused
+
+
+def test_a_held_derived_adapter_is_not_evicted(bounded):
+    """A derived adapter a request holds (``resolve(hold=True)``) outlives any number of others; released,
+    it is evicted like the others once it is the least recently used."""
+    held = bounded.resolve(mix(0.15), hold=True)
+    for i in range(1, 6):
+        bounded.resolve(mix(i / 10))
+        assert held.folder.is_dir() and held.name in bounded.derived_names()
+        assert len(bounded.derived.names()) <= 4  # the bound, plus the one held
+    twice = bounded.resolve(mix(0.15), hold=True)  # a second request on it
+    bounded.release(held)
+    bounded.resolve(mix(0.6))
+    assert twice.folder.is_dir()
+    bounded.release(twice)
+    for w in (0.7, 0.8, 0.9):
+        bounded.resolve(mix(w))
+    assert not twice.folder.exists() and len(bounded.derived.names()) == 3
+    bounded.release(bounded.check("qv4@1"))  # releasing an adapter that is not derived is a no-op
+
+
+def test_a_merge_evicted_is_rebuilt_by_its_name(bounded):
+    """A request carries only a merge's name from ``add_merge`` to the engine: evicted in between, the name
+    still resolves (rebuilt from its recipe)."""
+    name = bounded.add_merge(["qv4@1", "all8@1"], {"strategy": "svd", "weights": [0.5, 0.5], "svd_rank": 8})
+    for i in range(1, 5):
+        bounded.resolve(mix(i / 10))
+    assert name not in bounded.derived_names()
+    back = bounded.resolve([(name, 1.0)])
+    assert back.name == name and back.folder.is_dir() and back.rank == 8
+
+
+def test_checked_adapters_are_bounded(folders, tmp_path):
+    reg = AdapterRegistry((tmp_path / "registry").as_uri(), cache=AdapterCache(tmp_path / "cache"))
+    for name, folder in folders.items():
+        reg.push(folder, name)
+    cat = AdapterCatalog(reg, INFO, 32, DerivedStore(tmp_path / "derived"), max_known=2)
+    ids = {n: cat.lora_id(cat.check(f"{n}@1")) for n in folders}
+    assert len(folders) > 2 and len(cat._known) == 2
+    assert {n: cat.lora_id(cat.check(f"{n}@1")) for n in folders} == ids  # checked again, same ids
+
+
+def test_a_new_store_deletes_what_ended_runs_left(tmp_path):
+    """Derived folders are a cache of one run: a new store deletes those of runs that ended (their lock is
+    free) and older versions' folders, never a live store's."""
+    live = DerivedStore(tmp_path, "tiny")
+    (live.dir / "mix-live").mkdir()
+    (tmp_path / "run-1-dead").mkdir()
+    (tmp_path / "run-1-dead" / "mix-old").mkdir()
+    (tmp_path / "run-1-dead.lock").touch()
+    (tmp_path / "run-2-nolock").mkdir()
+    (tmp_path / "merge-legacy").mkdir()
+    new = DerivedStore(tmp_path, "tiny")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([".lock", live.dir.name, f"{live.dir.name}.lock", new.dir.name, f"{new.dir.name}.lock"])
+    assert (live.dir / "mix-live").is_dir()
+    new.close()
+    live.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
