@@ -86,7 +86,8 @@ def _native_backend(settings: ServerSettings, reg_settings, registry: AdapterReg
     cfg = EngineConfig(max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
                        max_cpu_loras=settings.max_cpu_loras, max_running=settings.max_running,
                        max_model_len=settings.max_model_len, max_batched_tokens=settings.max_batched_tokens,
-                       prefill_chunk=settings.prefill_chunk, load_share=settings.load_share)
+                       prefill_chunk=settings.prefill_chunk, load_share=settings.load_share,
+                       kv_cache_gib=settings.kv_cache_gib)
     return EngineProcess(EngineLaunch(spec, cfg, reg_settings.registry, str(reg_settings.cache)))
 
 

@@ -18,7 +18,12 @@ Metric names and labels (``loraplex route show`` and dashboards rely on them)::
     loraplex_inter_token_seconds{adapter}                 histogram
     loraplex_e2e_seconds{adapter, version}                histogram, outcome ok only
     loraplex_queue_depth, loraplex_running_requests, loraplex_batch_tokens,
-    loraplex_kv_slots_used, loraplex_kv_slots_total      gauges
+    loraplex_kv_slots_used, loraplex_kv_slots_total      gauges (sequences running, and at most)
+    loraplex_kv_blocks_used, loraplex_kv_blocks_total    gauges (native engine: the paged KV pool)
+    loraplex_preemptions_total                           counter (sequences sent back to recompute)
+    loraplex_kv_blocks_cached                            gauge (blocks kept for prefix reuse)
+    loraplex_prefix_cache_queried_tokens_total{adapter}, loraplex_prefix_cache_hit_tokens_total{adapter}
+                                                         counters (prompt tokens looked up, and found cached)
     loraplex_adapter_cache_hits_total, loraplex_adapter_cache_misses_total,
     loraplex_adapter_loads_total, loraplex_adapter_evictions_total   counters
     loraplex_adapter_load_seconds                         histogram
@@ -62,6 +67,9 @@ _ENGINE_GAUGES = {
     "batch_tokens": ("batch_tokens", "last_batch_tokens"),
     "kv_slots_used": ("kv_slots_used",),
     "kv_slots_total": ("kv_slots_total",),
+    "kv_blocks_used": ("kv_blocks_used",),
+    "kv_blocks_total": ("kv_blocks_total",),
+    "kv_blocks_cached": ("kv_blocks_cached",),
 }
 
 
@@ -91,8 +99,18 @@ class Metrics:
         self.queue_depth = Gauge("loraplex_queue_depth", "Requests waiting to be scheduled.", registry=r)
         self.running_requests = Gauge("loraplex_running_requests", "Requests in the running batch.", registry=r)
         self.batch_tokens = Gauge("loraplex_batch_tokens", "Tokens produced by the last engine step.", registry=r)
-        self.kv_slots_used = Gauge("loraplex_kv_slots_used", "KV cache slots in use.", registry=r)
-        self.kv_slots_total = Gauge("loraplex_kv_slots_total", "KV cache slots in all.", registry=r)
+        self.kv_slots_used = Gauge("loraplex_kv_slots_used", "Sequences running (each holds KV cache).", registry=r)
+        self.kv_slots_total = Gauge("loraplex_kv_slots_total", "Sequences that may run at once.", registry=r)
+        self.kv_blocks_used = Gauge("loraplex_kv_blocks_used", "KV cache blocks held by running sequences.", registry=r)
+        self.kv_blocks_total = Gauge("loraplex_kv_blocks_total", "KV cache blocks in the pool.", registry=r)
+        self.kv_blocks_cached = Gauge("loraplex_kv_blocks_cached", "KV cache blocks kept for prefix reuse.",
+                                      registry=r)
+        self.prefix_queried = Counter("loraplex_prefix_cache_queried_tokens", "Prompt tokens looked up in the "
+                                      "prefix cache.", ["adapter"], registry=r)
+        self.prefix_hits = Counter("loraplex_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache "
+                                   "(not computed again).", ["adapter"], registry=r)
+        self.preemptions = Counter("loraplex_preemptions_total", "Running sequences that gave their KV blocks back "
+                                   "(to be computed again) because the pool ran out.", registry=r)
         self.adapter_cache_hits = Counter("loraplex_adapter_cache_hits_total", "Adapter lookups served from a resident slot.", registry=r)
         self.adapter_cache_misses = Counter("loraplex_adapter_cache_misses_total", "Adapter lookups that started a load.", registry=r)
         self.adapter_loads = Counter("loraplex_adapter_loads_total", "Adapters loaded.", registry=r)
@@ -169,12 +187,29 @@ class Metrics:
         if get("restarts") is not None:
             with self._lock:
                 self._advance("restarts", self.engine_restarts, get("restarts"))
+        if get("preemptions") is not None:
+            with self._lock:
+                self._advance("preemptions", self.preemptions, get("preemptions"))
+        for name, (queried, hit) in (get("prefix_by_adapter") or {}).items():
+            label = self._engine_label(name)
+            with self._lock:
+                self._advance(f"prefix_q:{name}", self.prefix_queried.labels(label), queried)
+                self._advance(f"prefix_h:{name}", self.prefix_hits.labels(label), hit)
         for gauge, keys in _ENGINE_GAUGES.items():
             for key in keys:
                 value = get(key)
                 if value is not None:
                     getattr(self, gauge).set(value)
                     break
+
+    def _engine_label(self, name: str) -> str:
+        """The bounded ``adapter`` label of an engine adapter name: ``NAME`` of ``NAME@VERSION``, ``base``;
+        a mixture, a merge or an admin-loaded folder is ``other``."""
+        if name == BASE:
+            return BASE
+        if "@" not in name or "/" in name:
+            return OTHER
+        return self.labels(name.split("@", 1)[0])[0]
 
     def set_registry_stale(self, total: int) -> None:
         """Advance the stale-while-error counter to the resolver's cumulative total."""

@@ -47,9 +47,9 @@ class ServerSettings(BaseSettings):
     max_loras: int = Field(default=8, ge=1, description="adapters resident in device slots at once")
     max_lora_rank: int = Field(default=64, ge=1, description="the largest adapter rank served")
     max_cpu_loras: int = Field(default=32, ge=1, description="adapters kept in host memory")
-    max_running: int = Field(default=32, ge=1,
-                             description="sequences generated at once (the native engine's KV cache slots)")
-    max_model_len: int = Field(default=2048, ge=16, description="prompt and output tokens per sequence")
+    max_running: int = Field(default=32, ge=1, description="sequences generated at once")
+    max_model_len: int | None = Field(default=None, ge=16, description="prompt and output tokens per sequence "
+                                                                       "(unset: the model's context length)")
     max_batched_tokens: int = Field(default=1024, ge=16, description="tokens in one engine step")
     prefill_chunk: int = Field(default=256, ge=16,
                                description="native engine: the most prompt tokens of one sequence in a step")
@@ -65,7 +65,9 @@ class ServerSettings(BaseSettings):
     tensor_parallel_size: int = Field(default=1, ge=1, description="vllm engine: GPUs to shard each layer over")
     pipeline_parallel_size: int = Field(default=1, ge=1, description="vllm engine: GPUs to split the layers over")
     kv_cache_gib: float | None = Field(
-        default=None, gt=0, description="vllm engine: KV cache size in GiB (unset: 4 on CPU, vLLM's own on GPUs)")
+        default=None, gt=0, description="KV cache size in GiB (unset: native engine, at most 2 and no more than "
+                                        "max_running full-length sequences need; vllm engine, 4 on CPU and vLLM's "
+                                        "own share on GPUs)")
 
     @property
     def quantization(self) -> str:

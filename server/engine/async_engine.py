@@ -77,8 +77,8 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         s = self.engine.scheduler
-        return EngineStats(len(s.running), len(s.waiting), self.engine.cache.used_slots,
-                           self.engine.cache.shape.num_slots, self._last_batch, self._steps)
+        return EngineStats(len(s.running), len(s.waiting), len(s.running), self.engine.config.max_running,
+                           self._last_batch, self._steps)
 
     def shutdown(self) -> None:
         self._stop.set()

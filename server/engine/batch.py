@@ -8,20 +8,22 @@ import torch
 
 from ..lora.bank import LoraBatch
 from ..model.decoder import PrefillChunk, StepBatch
+from ..model.kv_cache import NULL_BLOCK
 
 
 @dataclass(frozen=True, slots=True)
 class Work:
-    """One sequence's share of a step: feed ``tokens`` at positions first_pos... into its KV slot."""
+    """One sequence's share of a step: feed ``tokens`` at positions first_pos... into its KV blocks."""
 
     tokens: list[int]
     first_pos: int
-    slot: int
+    blocks: list[int]  # the sequence's block table: position p lives in blocks[p // block_size]
     lora: list[tuple[int, float]]  # (bank slot, weight); empty for the base model
     wants_logits: bool  # False for a prefill chunk that is not the prompt's last
 
 
-def build_step(work: list[Work], slot_ranks: dict[int, int], lora_dtype: torch.dtype, device) -> tuple[StepBatch, list[int]]:
+def build_step(work: list[Work], slot_ranks: dict[int, int], lora_dtype: torch.dtype, device,
+               block_size: int) -> tuple[StepBatch, list[int]]:
     """The batch (decodes, i.e. single tokens past position 0, first; prefill chunks after), and the
     indices into ``work`` of the rows of its logits, in order."""
     is_decode = [len(w.tokens) == 1 and w.first_pos > 0 for w in work]
@@ -30,39 +32,36 @@ def build_step(work: list[Work], slot_ranks: dict[int, int], lora_dtype: torch.d
     order = sorted((i for i, d in enumerate(is_decode) if d), key=lora_key)
     order += [i for i, d in enumerate(is_decode) if not d]
     decodes = [work[i] for i in order if is_decode[i]]
-    ids, pos, slots, chunks, logit_rows, lora_rows, sampled = [], [], [], [], [], [], []
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    ids, pos, mapping, chunks, logit_rows, lora_rows, sampled = [], [], [], [], [], [], []
     for i in order:
         w = work[i]
         start = len(ids)
         ids.extend(w.tokens)
-        pos.extend(range(w.first_pos, w.first_pos + len(w.tokens)))
-        slots.extend([w.slot] * len(w.tokens))
+        positions = range(w.first_pos, w.first_pos + len(w.tokens))
+        pos.extend(positions)
+        mapping.extend(w.blocks[p // block_size] * block_size + p % block_size for p in positions)
         if len(w.tokens) > 1 or w.first_pos == 0:
-            chunks.append(PrefillChunk(start, len(w.tokens), w.slot, w.first_pos))
+            end = w.first_pos + len(w.tokens)
+            table = as_long([w.blocks[:-(-end // block_size)]]) if w.first_pos else None
+            chunks.append(PrefillChunk(start, len(w.tokens), w.first_pos, table))
         if w.wants_logits:
             logit_rows.append(len(ids) - 1)
             sampled.append(i)
         if w.lora:
             lora_rows.append((start, len(w.tokens), w.lora))
     d = len(decodes)
-    # Attention reads the cache in slot order; rows are in adapter order: keep the permutation.
-    perm = sorted(range(d), key=lambda r: decodes[r].slot)
-    dslots = [decodes[r].slot for r in perm]
-    lens = [decodes[r].first_pos + 1 for r in perm]
-    lmax = max(lens, default=0)
+    lens = [w.first_pos + 1 for w in decodes]
+    nb = -(-max(lens, default=0) // block_size)
+    tables = [w.blocks[:-(-n // block_size)] for w, n in zip(decodes, lens)]
+    tables = [t + [NULL_BLOCK] * (nb - len(t)) for t in tables]
     mask = None
-    if d and min(lens) != lmax:
-        mask = (torch.arange(lmax, device=device).unsqueeze(0) < torch.tensor(lens, device=device).unsqueeze(1))
-        mask = mask.view(d, 1, 1, lmax)
-    contiguous = d > 0 and dslots == list(range(dslots[0], dslots[0] + d))
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    if d and min(lens) != nb * block_size:
+        mask = (torch.arange(nb * block_size, device=device).unsqueeze(0) < as_long(lens).unsqueeze(1)).view(1, d, 1, -1)
     batch = StepBatch(
-        input_ids=as_long(ids), positions=as_long(pos), slots=as_long(slots), num_decode=d,
-        decode_slots=as_long(dslots), decode_mask=mask, decode_len=lmax,
-        decode_first_slot=dslots[0] if contiguous else None,
-        decode_perm=None if perm == list(range(d)) else as_long(perm), prefills=tuple(chunks),
+        input_ids=as_long(ids), positions=as_long(pos), slot_mapping=as_long(mapping), num_decode=d,
+        decode_tables=as_long(tables).view(d, nb), decode_mask=mask, prefills=tuple(chunks),
         logit_rows=as_long(logit_rows),
         lora=LoraBatch.build(lora_rows, slot_ranks, lora_dtype, device) if lora_rows else None,
-        extents=tuple((w.slot, w.first_pos + len(w.tokens)) for w in work),
     )
     return batch, sampled

@@ -11,7 +11,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,6 +23,7 @@ from ..lora.weights import LoraWeights
 from ..model.decoder import Decoder
 from ..model.kv_cache import CacheShape, KVCache
 from .batch import Work, build_step
+from .block_pool import BlockPool
 from .request import MAX_MIXTURE, check_mixture
 from .sampling import Sampler, SamplingParams, make_generator
 from .scheduler import SchedulerConfig, Scheduler
@@ -39,8 +40,12 @@ class EngineConfig:
     max_loras: int = 8  # adapters resident in device slots at once
     max_lora_rank: int = 64
     max_cpu_loras: int = 32  # adapters kept in host memory
-    max_running: int = 32  # concurrent sequences (KV slots)
-    max_model_len: int = 1024  # prompt + output tokens per sequence
+    max_running: int = 32  # concurrent sequences
+    max_model_len: int | None = None  # prompt + output tokens per sequence (None: the model's context length)
+    kv_cache_gib: float | None = None  # the KV block pool's budget (None: DEFAULT_KV_CACHE_GIB, and no more than
+    # max_running sequences of max_model_len tokens need)
+    block_size: int = 16  # tokens per KV block
+    prefix_caching: bool = True  # reuse the KV blocks of earlier requests' identical prefixes (same adapter)
     max_batched_tokens: int = 512
     prefill_chunk: int = 256
     seed: int | None = None
@@ -49,10 +54,14 @@ class EngineConfig:
     load_share: float = 0.15
 
     def __post_init__(self) -> None:
-        for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "max_running", "max_model_len",
-                     "max_batched_tokens", "prefill_chunk"):
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras", "max_running", "max_batched_tokens",
+                     "prefill_chunk", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
+            raise ValueError("kv_cache_gib must be positive")
         if not 0 <= self.load_share < 1:
             raise ValueError("load_share must be in [0, 1)")
 
@@ -70,16 +79,19 @@ class Engine:
         self.decoder = Decoder(model, config, self.dtype, device)
         if owns_model:
             self.decoder.release_dense()
+        if engine_config.max_model_len is None:  # the model's own context length
+            engine_config = replace(engine_config, max_model_len=self.decoder.max_positions)
+            self.config = engine_config
         if self.decoder.max_positions < engine_config.max_model_len:
             self.decoder.extend_rope(engine_config.max_model_len)
-        self.cache = KVCache(CacheShape(len(self.decoder.layers), engine_config.max_running, engine_config.max_model_len,
-                                        self.decoder.num_kv_heads, self.decoder.head_dim), self.dtype, device)
+        self.cache = KVCache(_cache_shape(engine_config, self.decoder, self.dtype), self.dtype, device)
+        self.pool = BlockPool(self.cache, caching=engine_config.prefix_caching)
         lora_dtype = torch.float32 if torch.device(device).type == "cpu" else self.dtype
         self.bank = LoraBank(self.decoder.module_shapes(), engine_config.max_loras, engine_config.max_lora_rank,
                              lora_dtype, device)
         self.adapters = AdapterManager(self.bank, loader or _no_loader, engine_config.max_cpu_loras)
         self.scheduler = Scheduler(SchedulerConfig(engine_config.max_running, engine_config.max_batched_tokens,
-                                                   engine_config.prefill_chunk), self.cache, self.adapters)
+                                                   engine_config.prefill_chunk), self.pool, self.adapters)
         self.sampler = Sampler(device, engine_config.seed)
         self.vocab_size = config.vocab_size
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -100,6 +112,11 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(ids) + 1 > self.config.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine allows at most {self.config.max_model_len - 1}")
+        longest = min(len(ids) + params.max_tokens, self.config.max_model_len)
+        if self.pool.blocks_for(longest) > self.pool.total_blocks:  # could never run, even alone
+            room = self.pool.total_blocks * self.pool.block_size
+            raise ValueError(f"the prompt and max_tokens need up to {longest} tokens of KV cache; this engine's holds "
+                             f"{room}: ask for fewer tokens (or start the server with a larger --kv-cache-gib)")
         if params.top_k > self.vocab_size:
             raise ValueError(f"top_k must be at most the vocabulary size ({self.vocab_size}), got {params.top_k}")
         if any(t >= self.vocab_size for t in params.stop_token_ids):
@@ -177,16 +194,17 @@ class Engine:
         work = []
         for s in plan:
             seq = s.seq
-            if seq.prefilling:
-                tokens = seq.prompt_ids[seq.num_cached:seq.num_cached + s.num_tokens]
-                wants = seq.num_cached + s.num_tokens == len(seq.prompt_ids)
+            if seq.prefilling:  # its prompt; after a preemption, its outputs too (computed again, not sampled)
+                tokens = seq.all_ids[seq.num_cached:seq.num_cached + s.num_tokens]
+                wants = seq.num_cached + s.num_tokens == seq.prefill_len and not seq.output_ids
             else:
                 tokens, wants = [seq.all_ids[-1]], True
-            work.append(Work(tokens, seq.num_cached, seq.slot, s.lora, wants))
-        batch, rows = build_step(work, self.bank.ranks, self.bank.dtype, self.device)
+            work.append(Work(tokens, seq.num_cached, seq.blocks, s.lora, wants))
+        batch, rows = build_step(work, self.bank.ranks, self.bank.dtype, self.device, self.cache.block_size)
         logits = self.decoder.forward(batch, self.cache, self.bank)
         for s, w in zip(plan, work):
             s.seq.num_cached += len(w.tokens)
+            self.scheduler.commit(s.seq)  # its newly full blocks become reusable
         sampled = [plan[i].seq for i in rows]
         if sampled:
             out = self.sampler.sample(logits, [q.params for q in sampled], [q.generator for q in sampled],
@@ -292,6 +310,21 @@ def build_engine(spec, engine_config: EngineConfig = EngineConfig(), registry=No
                     loader=AdapterSource(registry, loaded.info), dtype=getattr(torch, spec.dtype), device=spec.device,
                     owns_model=True)
     return engine, loaded
+
+
+DEFAULT_KV_CACHE_GIB = 2.0
+
+
+def _cache_shape(cfg: EngineConfig, decoder: Decoder, dtype: torch.dtype) -> CacheShape:
+    """The block pool: ``kv_cache_gib`` of blocks, or by default no more than DEFAULT_KV_CACHE_GIB and no more
+    than ``max_running`` sequences of ``max_model_len`` tokens fill (plus the null block)."""
+    layers, kv, hd, bs = len(decoder.layers), decoder.num_kv_heads, decoder.head_dim, cfg.block_size
+    budget = CacheShape.blocks_for(int((cfg.kv_cache_gib or DEFAULT_KV_CACHE_GIB) * (1 << 30)), layers, kv, hd, bs, dtype)
+    if cfg.kv_cache_gib is None:
+        budget = min(budget, cfg.max_running * -(-cfg.max_model_len // bs) + 1)
+    if budget < 2:
+        raise ValueError(f"kv_cache_gib={cfg.kv_cache_gib} holds no block of {bs} tokens for this model")
+    return CacheShape(layers, budget, bs, kv, hd)
 
 
 def _no_loader(name: str) -> LoraWeights:

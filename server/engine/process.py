@@ -92,8 +92,12 @@ def _engine_main(conn, launch: EngineLaunch, pins: tuple[str, ...] = ()) -> None
     def stats() -> dict:
         a = engine.adapters.stats
         s = engine.scheduler
-        return {"running": len(s.running), "waiting": len(s.waiting), "kv_slots_used": engine.cache.used_slots,
-                "kv_slots_total": engine.cache.shape.num_slots, "batch_tokens": last_batch, "steps": steps,
+        return {"running": len(s.running), "waiting": len(s.waiting), "kv_slots_used": len(s.running),
+                "kv_slots_total": engine.config.max_running, "kv_blocks_used": engine.pool.used_blocks,
+                "kv_blocks_total": engine.pool.total_blocks, "kv_blocks_cached": engine.pool.cached_blocks,
+                "prefix_queries": engine.pool.queries, "prefix_hits": engine.pool.hits, "preemptions": s.preemptions,
+                "prefix_by_adapter": {k: tuple(v) for k, v in s.prefix_by_adapter.items()},
+                "batch_tokens": last_batch, "steps": steps,
                 "cache_hits": a.hits, "cache_misses": a.misses, "loads": a.loads, "evictions": a.evictions,
                 "load_seconds_new": _take(a.load_seconds)}  # only loads not reported before: a message stays small
 

@@ -28,7 +28,10 @@ class Sequence:
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys/values are in the cache
-    slot: int | None = None  # KV slot while running
+    blocks: list[int] = field(default_factory=list)  # KV block table while running: position p in blocks[p // size]
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks so far (prefix caching)
+    identity: bytes = b""  # what computes its keys and values (block_pool.identity), set when admitted
+    preemptions: int = 0  # times it gave its blocks back to let older sequences go on
     finish_reason: str | None = None
     text: str = ""  # decoded output (stop strings removed)
     emitted_text: int = 0  # characters of text already returned
@@ -46,8 +49,14 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def prefill_len(self) -> int:
+        """Tokens to compute before the next decode: the prompt; after a preemption, all but the last token
+        (which the next decode feeds)."""
+        return self.num_tokens - 1 if self.output_ids else len(self.prompt_ids)
+
+    @property
     def prefilling(self) -> bool:
-        return self.num_cached < len(self.prompt_ids)
+        return self.num_cached < self.prefill_len
 
     @property
     def finished(self) -> bool:

@@ -78,6 +78,8 @@ class AdapterManager:
         self._failed: dict[str, Exception] = {}
         self._derived: dict[str, Loader] = {}
         self._images: dict = {}  # name -> SlotImage of a fresh load, until it is placed
+        self._digests: dict[str, bytes] = {}  # name -> content digest of its weights in the host tier
+        self._slot_digests: dict[int, bytes] = {}  # bank slot -> content digest of what it holds
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lora-loader", initializer=_lower_priority)
         self.load_times: dict[str, float] = {}
 
@@ -165,6 +167,7 @@ class AdapterManager:
                     self.stats.evictions += 1
                 self.bank.set_lora(slot, self._images.pop(name, None) or self._cpu[name])
                 self._slots[name] = slot
+                self._slot_digests[slot] = self._digests[name]
         for name in distinct:
             self._slots.move_to_end(name)
             self.stats.hits += 1
@@ -196,6 +199,10 @@ class AdapterManager:
             out.append(slot)
         return out
 
+    def slot_digest(self, slot: int) -> bytes:
+        """The content digest of the adapter in a bank slot (what its requests' KV blocks are cached under)."""
+        return self._slot_digests[slot]
+
     def slot_for(self, name: str) -> int | None:
         """The bank slot holding name (placed now if it is loaded and fits), or None while it loads or has no
         room. Raises the load's error if it failed."""
@@ -214,8 +221,9 @@ class AdapterManager:
         self.bank.check(weights)
         weights = weights.to(None, self.bank.dtype)  # the host tier stays in host memory
         image = self.bank.prepare(weights)  # the slot layout, built here rather than on the step loop
+        digest = weights.digest()  # hashed here too: the step loop only looks it up
         self.load_times[name] = time.perf_counter() - t
-        return weights, image
+        return weights, image, digest
 
     def poll(self) -> None:
         """At a step boundary: move finished loads into the host tier and record failures."""
@@ -224,11 +232,12 @@ class AdapterManager:
                 continue
             del self._pending[name]
             try:
-                weights, image = fut.result()
+                weights, image, digest = fut.result()
             except Exception as exc:  # handed to the requests waiting for this adapter
                 self._failed[name] = exc
                 continue
             self._images[name] = image  # used once, by the first placement
+            self._digests[name] = digest
             self.stats.loads += 1
             self.stats.load_seconds.append(self.load_times.get(name, 0.0))
             self._cpu[name] = weights
@@ -236,6 +245,7 @@ class AdapterManager:
             while len(self._cpu) > self.max_cpu_loras:
                 gone, _ = self._cpu.popitem(last=False)
                 self._images.pop(gone, None)
+                self._digests.pop(gone, None)
         if self._pins:
             self._place_pins()
 

@@ -7,6 +7,8 @@ module is always ``scale * (x @ a.T) @ b.T``.
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import math
 import re
@@ -62,6 +64,17 @@ class LoraWeights:
     @property
     def nbytes(self) -> int:
         return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+
+    def digest(self) -> bytes:
+        """A content digest of what this adapter computes (modules, scales, A and B as stored): the identity its
+        cached KV blocks are kept under (``server.engine.block_pool``). The name is not part of it."""
+        h = hashlib.blake2b(b"loraplex:lora-weights", digest_size=16)
+        for key in sorted(self.modules, key=lambda k: (k.layer, k.proj)):
+            m = self.modules[key]
+            h.update(f"{key.layer}.{key.proj}:{m.scale!r}:{m.a.dtype}:{tuple(m.a.shape)}:{tuple(m.b.shape)};".encode())
+            for t in (m.a, m.b):
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.digest()
 
     @classmethod
     def load(cls, folder: str | Path, name: str, dtype: torch.dtype = torch.float32) -> LoraWeights:

@@ -3,8 +3,8 @@
 The weights are the transformers model's own modules (so bitsandbytes NF4/int8 linears work as
 they are); the forward is ours: every step runs each linear once on all tokens ``[T, hidden]``
 (decodes and prefill chunks of many requests together), adds each token's LoRA delta from the
-``LoraBank``, writes keys/values into the ``KVCache`` slots, and attends per group: all
-single-token decodes in one SDPA call, each prefill chunk in one call. Logits are computed only
+``LoraBank``, writes keys/values into the paged ``KVCache``, and attends per group: all
+single-token decodes in one SDPA call over their gathered blocks, each prefill chunk in one call. Logits are computed only
 for the rows that will be sampled.
 """
 
@@ -28,8 +28,8 @@ SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
 class PrefillChunk:
     start: int  # first row of the chunk in the flat batch
     length: int  # number of tokens in the chunk
-    slot: int  # KV slot of its sequence
     first_pos: int  # position of its first token (tokens before it are already cached)
+    table: torch.Tensor | None  # [1, nb] int64: its sequence's blocks up to the chunk's end (None when first_pos == 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,17 +38,13 @@ class StepBatch:
 
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
-    slots: torch.Tensor  # [T] int64: KV slot of each token
+    slot_mapping: torch.Tensor  # [T] int64: where each token's keys/values go (block * block_size + offset)
     num_decode: int  # D
-    decode_slots: torch.Tensor  # [D] int64
-    decode_mask: torch.Tensor | None  # [D, 1, 1, Lmax] bool: key position < context length
-    decode_len: int  # Lmax: longest decode context this step
-    decode_first_slot: int | None  # sorted decode_slots == range(first, first + D): read the cache by view
-    decode_perm: torch.Tensor | None  # [D] int64: decode rows in slot order (None: already in slot order)
+    decode_tables: torch.Tensor  # [D, nb] int64: each decode's block table, padded with the null block
+    decode_mask: torch.Tensor | None  # [1, D, 1, nb * block_size] bool: key position < context length (None: all full)
     prefills: tuple[PrefillChunk, ...]
     logit_rows: torch.Tensor  # [N] int64: rows whose next-token logits are needed
     lora: LoraBatch | None
-    extents: tuple[tuple[int, int], ...]  # (KV slot, end position) per sequence: this step writes below end
 
 
 class Decoder:
@@ -124,8 +120,6 @@ class Decoder:
     @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: KVCache, bank: LoraBank | None) -> torch.Tensor:
         """Logits [N, vocab] (float32) for batch.logit_rows."""
-        for slot, end in batch.extents:  # before any write, so a failed step's writes are cleared too
-            cache.mark(slot, end)
         t = batch.input_ids.numel()
         h = self.embed(batch.input_ids).to(self.dtype)  # [T, hidden]
         cos = self._cos[batch.positions].unsqueeze(1)  # [T, 1, head_dim]
@@ -136,8 +130,9 @@ class Decoder:
             q, k, v = self._project(i, "qkv", x, bank, lora)
             q = self._rotate(q.view(t, self.num_heads, self.head_dim), cos, sin)
             k = self._rotate(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
-            cache.write(i, batch.slots, batch.positions, k, v.view(t, self.num_kv_heads, self.head_dim))
-            o = self._attention(i, q, batch, cache)  # [T, heads * head_dim]
+            v = v.view(t, self.num_kv_heads, self.head_dim)
+            cache.write(i, batch.slot_mapping, k, v)
+            o = self._attention(i, q, k, v, batch, cache)  # [T, heads * head_dim]
             h = h + self._project(i, "o", o, bank, lora)[0]
             x = layer.post_attention_layernorm(h)
             g, u = self._project(i, "gate_up", x, bank, lora)
@@ -146,31 +141,34 @@ class Decoder:
         h = self.norm(h.index_select(0, batch.logit_rows))
         return self.lm_head(h).float()
 
-    def _attention(self, layer: int, q: torch.Tensor, batch: StepBatch, cache: KVCache) -> torch.Tensor:
+    def _attention(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, batch: StepBatch,
+                   cache: KVCache) -> torch.Tensor:
+        """q [T, heads, hd]; k_new, v_new [T, kv, hd]: this step's keys and values (also written to the cache)."""
         t = q.shape[0]
         out = torch.empty(t, self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
         gqa = self.num_kv_heads != self.num_heads
         d = batch.num_decode
         if d:
-            k, v = cache.view(layer, batch.decode_slots, batch.decode_first_slot or 0,
-                              batch.decode_first_slot is not None, batch.decode_len)  # [D, kv, Lmax, hd]
-            perm = batch.decode_perm
-            qd = (q[:d] if perm is None else q.index_select(0, perm)).unsqueeze(2)  # [D, heads, 1, hd]
-            # Rows shorter than Lmax read their slot's tail under the mask: zeros (KVCache.release clears what the
-            # slot's last sequence wrote), never another request's values, so NaN/inf cannot leak through the mask.
-            od = F.scaled_dot_product_attention(qd, k, v, attn_mask=batch.decode_mask, scale=self.scaling, enable_gqa=gqa)
-            if perm is None:
-                out[:d] = od.squeeze(2)
-            else:
-                out.index_copy_(0, perm, od.squeeze(2))
+            k, v = cache.gather(layer, batch.decode_tables)  # [kv, D, nb * block_size, hd]
+            # One query per head: the heads that share a KV head are that "sequence"'s queries, so SDPA runs on
+            # the gathered layout as it is (a transposed copy with a mask took 10x longer on CPU, see the README).
+            # Rows shorter than the longest read their blocks' unwritten tail and the null block under the mask:
+            # zeros (KVCache.allocate clears a block it hands out), never another request's values, so NaN/inf
+            # cannot leak through the mask.
+            group = self.num_heads // self.num_kv_heads
+            qd = q[:d].view(d, self.num_kv_heads, group, self.head_dim).transpose(0, 1)  # [kv, D, group, hd]
+            od = F.scaled_dot_product_attention(qd, k, v, attn_mask=batch.decode_mask, scale=self.scaling)
+            out[:d] = od.transpose(0, 1).reshape(d, self.num_heads, self.head_dim)
         for c in batch.prefills:
             end = c.first_pos + c.length
-            k = cache.k[layer, c.slot:c.slot + 1, :, :end]  # [1, kv, end, hd]
-            v = cache.v[layer, c.slot:c.slot + 1, :, :end]
             qc = q[c.start:c.start + c.length].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
-            if c.first_pos == 0:
+            if c.first_pos == 0:  # the whole context is this chunk: attend to its own keys, no gather
+                k = k_new[c.start:c.start + c.length].transpose(0, 1).unsqueeze(0)  # [1, kv, n, hd]
+                v = v_new[c.start:c.start + c.length].transpose(0, 1).unsqueeze(0)
                 oc = F.scaled_dot_product_attention(qc, k, v, is_causal=True, scale=self.scaling, enable_gqa=gqa)
             else:
+                k, v = cache.gather(layer, c.table)  # [kv, 1, nb * block_size, hd]
+                k, v = k.transpose(0, 1)[:, :, :end], v.transpose(0, 1)[:, :, :end]  # [1, kv, end, hd]
                 qpos = torch.arange(c.first_pos, end, device=q.device).unsqueeze(1)
                 mask = torch.arange(end, device=q.device).unsqueeze(0) <= qpos  # [n, end]
                 oc = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=gqa)

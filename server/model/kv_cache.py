@@ -1,88 +1,91 @@
-"""A preallocated KV cache with one fixed-length slot per running sequence.
+"""A paged KV cache: one pool of fixed-size blocks, a block table per sequence.
 
-Each sequence owns a slot for its whole life, so a running sequence can never run out of cache
-and there is nothing to preempt: when every slot is taken, new requests wait in the queue
-(admission control). Slots are handed out lowest-first, so a full batch usually occupies a
-contiguous range and decode attention reads the cache through a view instead of a gather.
+Memory follows the work: a sequence holds ``ceil(tokens / block_size)`` blocks, taken as it grows, so the
+pool (sized by a memory budget) serves many short requests or a few long ones, and ``max_model_len`` can
+be the model's whole context. The decoder writes each token at ``block * block_size + offset`` and reads a
+sequence's keys and values by gathering its blocks (``gather``): one ``index_select`` of whole blocks per
+layer, which is cheap next to the projections (measured in the README), and works on CPU and CUDA alike.
 
-The decoder owns the layout (it writes and attends through ``write`` and ``view``); the engine sizes the
-cache and its scheduler hands the slots out.
-
-Nothing a sequence leaves in its slot reaches the next one: ``release`` zeroes every position the
-slot was written at (the decoder ``mark``s the positions of a step before writing them). This is what
-keeps requests apart: decode attention reads every slot up to the longest context of the step and
-hides a shorter context's tail with a boolean mask, and a mask does not stop NaN or inf (SDPA adds
--inf to a masked score, and NaN + -inf is NaN; a masked value is weighted by 0, and 0 * inf is NaN).
-A zeroed tail is finite, so masked positions contribute exactly 0. Clearing rather than masking
-with ``torch.where`` on the keys and values, measured 2026-12-01 on an AMD EPYC (AVX2, 1 thread),
-SmolLM2-135M fp32, one step of 8 decodes with contexts 24..164: ``where`` on K and V in every layer
-made the step ~10% slower (medians 235 vs 213 ms), while ``release`` of a 164-position slot takes
-~0.2 ms, once per request.
+Which sequence holds which block, and which blocks are kept for reuse, is ``server.engine.block_pool``'s.
+Block 0 is the null block: never handed out, always zero. Block tables of a batch are padded with it, so a
+row shorter than the batch's longest reads zeros under its mask. Nothing a sequence leaves in a block reaches
+the next one: a block is zeroed when it is handed out (``BlockPool.allocate``), so every position a sequence
+has not written yet is 0. That is what keeps requests apart: a boolean mask does not stop NaN or inf (SDPA adds -inf to
+a masked score, and NaN + -inf is NaN; a masked value is weighted by 0, and 0 * inf is NaN), a zero does.
+Zeroing on allocation rather than at release also means pages of the pool are touched only once used: the
+budget is an upper bound, not what the process holds at start.
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 
 import torch
+
+NULL_BLOCK = 0
 
 
 @dataclass(frozen=True, slots=True)
 class CacheShape:
     num_layers: int
-    num_slots: int
-    max_len: int
+    num_blocks: int  # including the null block
+    block_size: int  # tokens per block
     num_kv_heads: int
     head_dim: int
+
+    @staticmethod
+    def blocks_for(budget_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                   dtype: torch.dtype) -> int:
+        """How many blocks (null block included) fit in ``budget_bytes``."""
+        per_block = 2 * num_layers * num_kv_heads * head_dim * block_size * torch.empty(0, dtype=dtype).element_size()
+        return budget_bytes // per_block
 
 
 class KVCache:
     def __init__(self, shape: CacheShape, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        if shape.num_blocks < 2:
+            raise ValueError("the KV cache needs at least 2 blocks (one is the null block)")
         self.shape = shape
-        full = (shape.num_layers, shape.num_slots, shape.num_kv_heads, shape.max_len, shape.head_dim)
-        self.k = torch.zeros(full, dtype=dtype, device=device)  # [layers, slots, kv_heads, max_len, head_dim]
-        self.v = torch.zeros(full, dtype=dtype, device=device)  # [layers, slots, kv_heads, max_len, head_dim]
-        self._free = list(range(shape.num_slots))
-        heapq.heapify(self._free)
-        self._used = [0] * shape.num_slots  # per slot: positions [0, used) may hold values since its last release
+        self.block_size = shape.block_size
+        full = (shape.num_layers, shape.num_kv_heads, shape.num_blocks, shape.block_size, shape.head_dim)
+        # torch.empty: pages are touched when a block is first handed out (and zeroed), not here.
+        self.k = torch.empty(full, dtype=dtype, device=device)  # [layers, kv_heads, blocks, block_size, head_dim]
+        self.v = torch.empty(full, dtype=dtype, device=device)  # [layers, kv_heads, blocks, block_size, head_dim]
+        self.zero(NULL_BLOCK)
 
     @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
-    @property
-    def used_slots(self) -> int:
-        return self.shape.num_slots - len(self._free)
+    def total_blocks(self) -> int:
+        """Blocks sequences can hold (the null block aside)."""
+        return self.shape.num_blocks - 1
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the whole pool (its budget; pages are touched as blocks are first used)."""
         return self.k.nbytes + self.v.nbytes
 
-    def allocate(self) -> int | None:
-        return heapq.heappop(self._free) if self._free else None
+    @property
+    def block_nbytes(self) -> int:
+        return self.nbytes // self.shape.num_blocks
 
-    def release(self, slot: int) -> None:
-        """Hand the slot back, zeroed wherever it was written, so nothing of its sequence reaches the next."""
-        end, self._used[slot] = self._used[slot], 0
-        if end:
-            self.k[:, slot, :, :end].zero_()
-            self.v[:, slot, :, :end].zero_()
-        heapq.heappush(self._free, slot)
+    def zero(self, block: int) -> None:
+        """Clear a block before it is handed out (``BlockPool.allocate``)."""
+        self.k[:, :, block].zero_()
+        self.v[:, :, block].zero_()
 
-    def mark(self, slot: int, end: int) -> None:
-        """Positions [0, end) of slot are about to be written: ``release`` clears them (plain ints, no sync)."""
-        if end > self._used[slot]:
-            self._used[slot] = end
+    # ---- what the decoder calls --------------------------------------------------------------------------
+    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values: slot_mapping [T] (block * block_size + offset); k, v [T, kv_heads, head_dim]."""
+        n = self.shape.num_blocks * self.block_size
+        self.k[layer].view(self.shape.num_kv_heads, n, self.shape.head_dim)[:, slot_mapping] = k.transpose(0, 1)
+        self.v[layer].view(self.shape.num_kv_heads, n, self.shape.head_dim)[:, slot_mapping] = v.transpose(0, 1)
 
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values: slots, positions [T]; k, v [T, kv_heads, head_dim]."""
-        self.k[layer][slots, :, positions] = k
-        self.v[layer][slots, :, positions] = v
-
-    def view(self, layer: int, slots: torch.Tensor, first: int, contiguous: bool, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the given slots up to length: [B, kv_heads, length, head_dim] each."""
-        if contiguous:
-            sl = slice(first, first + slots.numel())
-            return self.k[layer, sl, :, :length], self.v[layer, sl, :, :length]
-        return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
+    def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the sequences whose block tables are the rows of ``tables`` [B, nb] (padded with
+        the null block): [kv_heads, B, nb * block_size, head_dim] each, contiguous (KV head first: what one
+        ``index_select`` of whole blocks gives; the decoder attends in that layout)."""
+        b, nb = tables.shape
+        flat = tables.reshape(-1)
+        kv, hd = self.shape.num_kv_heads, self.shape.head_dim
+        k = self.k[layer].index_select(1, flat).view(kv, b, nb * self.block_size, hd)
+        v = self.v[layer].index_select(1, flat).view(kv, b, nb * self.block_size, hd)
+        return k, v

@@ -61,7 +61,7 @@ class VllmBackend:
         started = time.perf_counter()
         self.launch = launch
         self.base_model: str = base.id
-        self.max_model_len: int = launch.max_model_len
+        self.max_model_len: int = launch.max_model_len or 0  # vLLM's own once it has started (the model's when unset)
         self.vocab_size = base.vocab_size
         self.tokenizer = AutoTokenizer.from_pretrained(str(launch.model))
         self.catalog = AdapterCatalog(registry, base, launch.max_lora_rank, DerivedStore(derived_dir, base.id),
@@ -94,7 +94,8 @@ class VllmBackend:
         self._up = True
         self._watcher = threading.Thread(target=self._supervise, name="loraplex-vllm-watcher", daemon=True)
         self._watcher.start()
-        self.info = {"base_model": base.id, "max_model_len": launch.max_model_len, "base_info": base,
+        self.max_model_len = int(self._engine.model_config.max_model_len)
+        self.info = {"base_model": base.id, "max_model_len": self.max_model_len, "base_info": base,
                      "load_seconds": time.perf_counter() - started, "resident_bytes": None}
 
     async def _start(self):

@@ -18,6 +18,7 @@ evicted derived adapter by its name (a merge's name is all a later request carri
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 from collections import Counter, OrderedDict
@@ -41,6 +42,13 @@ class CheckedAdapter:
     identity: str  # what its lora_int_id is keyed by: the bytes it stands for
     folder: Path  # a PEFT LoRA folder, validated against the base
     rank: int  # the largest rank of any of its modules
+
+
+def lora_key(checked: CheckedAdapter) -> str:
+    """The LoRA name vLLM sees (and hashes its cached blocks under, with the path)."""
+    if checked.identity == checked.name:
+        return checked.name
+    return f"{checked.name}#{hashlib.blake2b(checked.identity.encode(), digest_size=8).hexdigest()}"
 
 
 def _rank(folder: Path) -> int:
@@ -124,9 +132,14 @@ class AdapterCatalog:
             return dict(self._names)
 
     def lora_request(self, checked: CheckedAdapter):
+        """vLLM's request for ``checked``. vLLM keys its prefix cache's blocks by the LoRA's name and path
+        (``vllm.v1.core.kv_cache_utils``): a registry version (``NAME@V``, in the cache's content-addressed
+        folder) and a derived adapter (named by the hash of its inputs) are unique by both; a folder loaded by
+        path gets its identity (path, mtime, size) in the name, so new weights in the same folder never reuse
+        the blocks the old ones computed."""
         from vllm.lora.request import LoRARequest
 
-        return LoRARequest(checked.name, self.lora_id(checked), str(checked.folder))
+        return LoRARequest(lora_key(checked), self.lora_id(checked), str(checked.folder))
 
     # ---- what a request asks for ----------------------------------------------------------------------
     def resolve(self, adapters: list[tuple[str, float]], hold: bool = False) -> CheckedAdapter | None:

@@ -40,7 +40,7 @@ class VllmLaunch:
     max_cpu_loras: int = 32
     max_lora_rank: int = 64
     max_running: int = 32
-    max_model_len: int = 2048
+    max_model_len: int | None = None  # None: the model's context length (vLLM reads it)
     max_batched_tokens: int = 1024
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -81,6 +81,7 @@ class VllmLaunch:
             # On CPU, torch.compile costs minutes at start for little gain on small models; CUDA keeps
             # vLLM's compiled graphs.
             enforce_eager=self.device == "cpu",
+            enable_prefix_caching=True,  # keyed per adapter by its LoRA name and path (see catalog.lora_key)
             disable_log_stats=True,  # loraplex's own stat logger is passed instead (see stats.py)
             **extra,
         )

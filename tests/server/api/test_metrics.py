@@ -232,3 +232,23 @@ def test_a_bounded_window_of_load_times_with_their_count():
                                            load_seconds_count=9))
     assert value(m, "loraplex_adapter_load_seconds_count") == 7
     assert value(m, "loraplex_adapter_load_seconds_sum") == pytest.approx(0.6 + 2.1 + 0.9)
+
+
+def test_kv_blocks_and_preemptions_from_the_engine():
+    m = Metrics()
+    m.set_engine({"kv_blocks_used": 12, "kv_blocks_total": 4096, "preemptions": 3})
+    m.set_engine({"kv_blocks_used": 0, "kv_blocks_total": 4096, "preemptions": 5})
+    assert value(m, "loraplex_kv_blocks_used") == 0 and value(m, "loraplex_kv_blocks_total") == 4096
+    assert value(m, "loraplex_preemptions_total") == 5
+
+
+def test_prefix_cache_counters_per_adapter_label():
+    m = Metrics(max_adapters=1)
+    m.set_engine({"kv_blocks_cached": 7, "prefix_by_adapter": {"base": (100, 48), "acme@3": (40, 32), "zed@1": (5, 0),
+                                                                "merge-abc": (9, 0)}})
+    m.set_engine({"prefix_by_adapter": {"base": (150, 96), "acme@3": (40, 32)}})  # cumulative: only the increase
+    assert value(m, "loraplex_kv_blocks_cached") == 7
+    assert value(m, "loraplex_prefix_cache_hit_tokens_total", adapter="base") == 96
+    assert value(m, "loraplex_prefix_cache_queried_tokens_total", adapter="base") == 150
+    assert value(m, "loraplex_prefix_cache_hit_tokens_total", adapter="acme") == 32
+    assert value(m, "loraplex_prefix_cache_queried_tokens_total", adapter="other") == 14  # zed past the bound, a merge

@@ -45,8 +45,8 @@ def test_mixed_batch_logits_match_peft_at_every_position(folders, reference):
             engine.adapters.wait_idle(30)
             engine.adapters.poll()
         slots[name] = slot
-    work = [Work(p, 0, i, [(slots[a], 1.0)] if a else [], True) for i, (p, a) in enumerate(zip(PROMPTS, ASSIGN))]
-    batch, _ = build_step(work, engine.bank.ranks, torch.float32, "cpu")
+    work = [Work(p, 0, engine.pool.allocate(engine.pool.blocks_for(len(p))), [(slots[a], 1.0)] if a else [], True) for i, (p, a) in enumerate(zip(PROMPTS, ASSIGN))]
+    batch, _ = build_step(work, engine.bank.ranks, torch.float32, "cpu", engine.cache.block_size)
     batch = dataclasses.replace(batch, logit_rows=torch.arange(batch.input_ids.numel()))
     logits = engine.decoder.forward(batch, engine.cache, engine.bank)
     row = 0
@@ -136,16 +136,16 @@ def test_unknown_adapter_fails_only_its_request(folders):
     assert results["good"].finish_reason == "length" and results["good"].completion_tokens == 4
 
 
-def test_abort_frees_slot_and_adapter_reference(folders):
+def test_abort_frees_blocks_and_adapter_reference(folders):
     engine = make_engine(folders, max_running=2)
     params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
     rid = engine.add_request(PROMPTS[0], params, adapters="all8")
     for _ in range(5):
         engine.step()
         engine.adapters.wait_idle(30)
-    assert engine.cache.free_slots == 1 and engine.adapters.refs("all8") == 1
+    assert engine.pool.used_blocks > 0 and engine.adapters.refs("all8") == 1
     engine.abort(rid)
-    assert engine.cache.free_slots == 2 and engine.adapters.refs("all8") == 0 and not engine.has_work()
+    assert engine.pool.used_blocks == 0 and engine.adapters.refs("all8") == 0 and not engine.has_work()
 
 
 @pytest.mark.slow

@@ -122,10 +122,10 @@ def test_async_engine_streams_and_aborts_on_cancel(folders):
         await gen.__anext__()
         await gen.aclose()  # the client went away
         for _ in range(100):
-            if aeng.stats().running == 0 and engine.cache.free_slots == engine.cache.shape.num_slots:
+            if aeng.stats().running == 0 and engine.pool.used_blocks == 0:
                 break
             await asyncio.sleep(0.01)
-        assert engine.adapters.refs("qv4") == 0 and engine.cache.free_slots == engine.cache.shape.num_slots
+        assert engine.adapters.refs("qv4") == 0 and engine.pool.used_blocks == 0
 
     try:
         asyncio.run(main())

@@ -19,9 +19,11 @@ from loraplex.server.engine.sequence import Sequence, Status
 from loraplex.server.lora.bank import LoraBank
 from loraplex.server.lora.manager import AdapterManager
 from loraplex.server.lora.weights import LoraModule, LoraWeights, ModuleKey
+from loraplex.server.engine.block_pool import BlockPool
 from loraplex.server.model.kv_cache import CacheShape, KVCache
 
 KEY = ModuleKey(0, "q_proj")
+BLOCK = 4  # tokens per KV block
 
 
 def _weights(name: str) -> LoraWeights:
@@ -33,7 +35,7 @@ class World:
     """A scheduler over a real cache and adapter manager; adapters named 'slow*' load only after ``release``,
     'bad*' fail to load, others load at once."""
 
-    def __init__(self, config: SchedulerConfig, kv_slots: int = 8, lora_slots: int = 2) -> None:
+    def __init__(self, config: SchedulerConfig, kv_blocks: int = 256, lora_slots: int = 2) -> None:
         self.gate = threading.Event()
 
         def load(name: str) -> LoraWeights:
@@ -45,7 +47,7 @@ class World:
 
         bank = LoraBank({KEY: (8, 8)}, lora_slots, 8, torch.float32)
         self.manager = AdapterManager(bank, load)
-        self.cache = KVCache(CacheShape(1, kv_slots, 64, 1, 2), torch.float32)
+        self.cache = BlockPool(KVCache(CacheShape(1, kv_blocks + 1, BLOCK, 1, 2), torch.float32))  # + the null block
         self.scheduler = Scheduler(config, self.cache, self.manager)
 
     def add(self, rid: str, prompt: int, cached: int = 0, generated: int = 0, adapter: str | None = None,
@@ -60,6 +62,7 @@ class World:
         if running:
             self.scheduler.admit(seq)
             seq.num_cached, seq.output_ids = cached, list(range(generated))
+            assert self.scheduler._grow(seq, cached)  # the blocks its cached tokens are in
         return seq
 
     def plan(self) -> list[tuple[str, int]]:
@@ -68,26 +71,36 @@ class World:
 
 C = SchedulerConfig
 CASES = {
-    # name: (config, kv slots, sequences, expected plan)
+    # name: (config, KV blocks of 4 tokens, sequences, expected plan)
     "decodes first, then prefill chunks, then admissions": (
-        C(max_running=8, max_batched_tokens=512, prefill_chunk=256), 8,
+        C(max_running=8, max_batched_tokens=512, prefill_chunk=256), 256,
         [dict(rid="chunking", prompt=400, cached=100, running=True), dict(rid="decoding", prompt=5, cached=6,
          generated=2, running=True), dict(rid="new", prompt=400)],
         [("decoding", 1), ("chunking", 256), ("new", 255)]),
     "the token budget caps admissions": (
-        C(max_running=8, max_batched_tokens=10, prefill_chunk=256), 8,
+        C(max_running=8, max_batched_tokens=10, prefill_chunk=256), 256,
         [dict(rid="a", prompt=6), dict(rid="b", prompt=6), dict(rid="c", prompt=6)],
         [("a", 6), ("b", 4)]),
     "max_running holds the queue": (
-        C(max_running=1, max_batched_tokens=512, prefill_chunk=256), 8,
+        C(max_running=1, max_batched_tokens=512, prefill_chunk=256), 256,
         [dict(rid="r", prompt=3, cached=4, generated=1, running=True), dict(rid="w", prompt=3)],
         [("r", 1)]),
-    "no free KV slot holds the queue": (
-        C(max_running=8, max_batched_tokens=512, prefill_chunk=256), 1,
-        [dict(rid="r", prompt=3, cached=4, generated=1, running=True), dict(rid="w", prompt=3)],
-        [("r", 1)]),
+    "no free KV block holds the queue": (
+        C(max_running=8, max_batched_tokens=512, prefill_chunk=256), 2,
+        [dict(rid="r", prompt=4, cached=4, generated=1, running=True), dict(rid="w", prompt=3)],
+        [("r", 1)]),  # r's 5th token takes the second block
+    "the pool runs out mid-flight: the newest running sequence goes back to the queue": (
+        C(max_running=8, max_batched_tokens=512, prefill_chunk=256), 3,
+        [dict(rid="old", prompt=4, cached=4, generated=1, running=True),
+         dict(rid="new", prompt=4, cached=4, generated=1, running=True)],
+        [("old", 1)]),
+    "a prefill that needs blocks preempts a newer decode already planned, and nobody is admitted": (
+        C(max_running=8, max_batched_tokens=512, prefill_chunk=256), 4,
+        [dict(rid="chunking", prompt=12, cached=4, running=True),
+         dict(rid="dec", prompt=3, cached=4, generated=2, running=True), dict(rid="w", prompt=2)],
+        [("chunking", 8)]),
     "a loading adapter does not block the requests behind it": (
-        C(max_running=8, max_batched_tokens=512, prefill_chunk=256), 8,
+        C(max_running=8, max_batched_tokens=512, prefill_chunk=256), 256,
         [dict(rid="cold", prompt=3, adapter="slow-a"), dict(rid="base", prompt=2), dict(rid="warm", prompt=2,
          adapter="warm-a")],
         [("base", 2), ("warm", 2)]),
@@ -96,14 +109,19 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_plan(name):
-    config, kv_slots, seqs, want = CASES[name]
-    world = World(config, kv_slots)
+    config, kv_blocks, seqs, want = CASES[name]
+    world = World(config, kv_blocks)
     try:
         for s in seqs:
             world.add(**s)
         assert world.plan() == want
         planned = {rid for rid, _ in want}
-        assert all(s.slot is not None for s in world.scheduler.running)
+        assert all(s.blocks for s in world.scheduler.running)
+        for s in world.scheduler.running:  # every planned sequence has the blocks for this step's tokens
+            n = dict(want).get(s.request_id, 0)
+            assert len(s.blocks) * BLOCK >= s.num_cached + n
+        held = sum(len(s.blocks) for s in world.scheduler.running + list(world.scheduler.waiting))
+        assert held == world.cache.used_blocks and all(not s.blocks for s in world.scheduler.waiting)
         assert {s.request_id for s in world.scheduler.waiting} == {s["rid"] for s in seqs} - planned
     finally:
         world.gate.set()
@@ -132,18 +150,18 @@ def test_a_failed_load_finishes_its_request_and_frees_its_references():
         (failed, exc), = world.scheduler.failed
         assert failed is seq and "corrupt" in str(exc) and seq.finished
         assert world.manager.refs("bad-a") == 0 and not world.scheduler.has_work()
-        assert world.cache.free_slots == 8
+        assert world.cache.used_blocks == 0
     finally:
         world.manager.shutdown()
 
 
-def test_finish_releases_the_kv_slot_and_the_adapter():
-    world = World(C(), kv_slots=2)
+def test_finish_releases_the_kv_blocks_and_the_adapter():
+    world = World(C(), kv_blocks=2)
     try:
         seq = world.add("r", 3, adapter="warm-a")
-        assert world.plan() == [("r", 3)] and world.cache.free_slots == 1 and world.manager.refs("warm-a") == 1
+        assert world.plan() == [("r", 3)] and world.cache.free_blocks == 1 and world.manager.refs("warm-a") == 1
         world.scheduler.finish(seq)
-        assert world.cache.free_slots == 2 and world.manager.refs("warm-a") == 0 and seq.finished
+        assert world.cache.free_blocks == 2 and world.manager.refs("warm-a") == 0 and seq.finished
     finally:
         world.manager.shutdown()
 

@@ -187,3 +187,31 @@ def test_a_new_store_deletes_what_ended_runs_left(tmp_path):
     new.close()
     live.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+def test_vllm_prefix_cache_keys_differ_per_version_and_per_folder_content(catalog, folders, tmp_path):
+    """vLLM hashes a cached block with its LoRA's name and path (vllm.v1.core.kv_cache_utils): two versions of
+    one name, and a folder whose weights changed, must give different keys, so vLLM never reuses blocks one
+    of them computed for the other; identical bytes behind two versions may share (same path)."""
+    pytest.importorskip("vllm")
+    import os
+    import shutil
+
+    from loraplex.server.vllm.launch import VllmLaunch
+
+    catalog.registry.push(folders["all8"], "qv4", force=True)  # qv4@2: other weights under the same name
+    keys = {}
+    for ref in ("qv4@1", "qv4@2"):
+        r = catalog.lora_request(catalog.check(ref))
+        keys[ref] = (r.lora_name, r.lora_path, r.lora_int_id)
+    assert keys["qv4@1"][:2] != keys["qv4@2"][:2] and keys["qv4@1"][2] != keys["qv4@2"][2]
+    folder = tmp_path / "live"
+    shutil.copytree(folders["qv4"], folder)
+    before = catalog.lora_request(catalog.check(str(folder)))
+    shutil.copy(folders["all8"] / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+    st = (folder / "adapter_model.safetensors").stat()
+    os.utime(folder / "adapter_model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later write
+    shutil.copy(folders["all8"] / "adapter_config.json", folder / "adapter_config.json")
+    after = catalog.lora_request(catalog.check(str(folder)))
+    assert before.lora_path == after.lora_path and before.lora_name != after.lora_name
+    assert VllmLaunch(model=tmp_path).engine_args().enable_prefix_caching is True
