@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 
 import httpx
 import openai
 import pytest
+from chaos_load import MSG, kill_under_load, wait_ready
 from engine_fixtures import ADAPTERS, make_peft_adapters
 from server_fixtures import LiveServer, free_port, save_tiny_base
 
@@ -22,7 +21,6 @@ from loraplex.adapters import AdapterCache, AdapterRegistry
 from loraplex.server.api.settings import ServerSettings
 
 pytestmark = pytest.mark.slow
-MSG = [{"role": "user", "content": "w10 w11 w12"}]
 
 
 @pytest.fixture(scope="module")
@@ -47,63 +45,9 @@ def server(tmp_path_factory):
 def test_kill_9_of_the_engine_mid_stream(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     assert httpx.post(server.url + "/v1/adapters/helper@1/pin", timeout=30).json()["pinned"] is True
-    results: dict[str, str] = {}
-    started = threading.Barrier(6)  # 4 streams, the plain request, this thread
-
-    def stream(i: int) -> None:
-        model = "helper" if i % 2 else "tiny-base"
-        try:
-            pieces = []
-            first = True
-            for chunk in client.chat.completions.create(model=model, messages=MSG, max_tokens=1500, temperature=0,
-                                                        stream=True, extra_body={"ignore_eos": True}):
-                if first:
-                    first = False
-                    started.wait(30)
-                if chunk.choices and chunk.choices[0].delta.content:
-                    pieces.append(chunk.choices[0].delta.content)
-            results[f"s{i}"] = "complete"
-        except openai.APIError as exc:  # the stream's error event or an error status: a clean error
-            results[f"s{i}"] = f"error: {exc.message[:80]}"
-        except Exception as exc:  # noqa: BLE001  anything else is a failure of the contract
-            results[f"s{i}"] = f"UNCLEAN {type(exc).__name__}: {exc}"
-
-    def plain() -> None:
-        started.wait(30)
-        try:
-            client.completions.create(model="tiny-base", prompt="w1 w2", max_tokens=1500, temperature=0,
-                                      extra_body={"ignore_eos": True})
-            results["plain"] = "complete"
-        except openai.APIStatusError as exc:
-            results["plain"] = f"error {exc.status_code}"
-        except Exception as exc:  # noqa: BLE001
-            results["plain"] = f"UNCLEAN {type(exc).__name__}: {exc}"
-
-    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(4)]
-    threads.append(threading.Thread(target=plain, daemon=True))
-    for t in threads:
-        t.start()
-    started.wait(60)  # every stream has its first token, the plain request is sent
-    time.sleep(0.2)
     pid = server.backend._proc.pid
-    os.kill(pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    saw_unready = False
-    while time.monotonic() - killed_at < 5 and not saw_unready:
-        saw_unready = httpx.get(server.url + "/ready", timeout=5).status_code == 503
-        time.sleep(0.05)
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a client hangs"
-    assert len(results) == 5 and not [r for r in results.values() if r.startswith("UNCLEAN")], results
-    assert any(r.startswith("error") for r in results.values()), results  # the kill did cut requests short
-    assert results["plain"] in ("complete", "error 503"), results
-    assert saw_unready, "/ready never answered 503 while the engine was down"
-
-    deadline = time.monotonic() + 180
-    while httpx.get(server.url + "/ready", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, "the engine did not come back"
-        time.sleep(0.2)
+    kill_under_load(server.url, lambda: os.kill(pid, signal.SIGKILL))
+    wait_ready(server.url, 180)
     assert server.backend._proc.pid != pid
     r = client.chat.completions.create(model="helper", messages=MSG, max_tokens=4, temperature=0)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
