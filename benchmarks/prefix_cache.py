@@ -5,6 +5,9 @@ Shared system prompts: ``--adapters`` adapters (the peers' fixture), each with i
 Poisson arrivals at ``--rate`` per second. Reports TTFT p50/p99 (arrival to first token) and throughput with
 prefix caching on and off, each in its own process, one after the other in this one invocation.
 
+Multi-turn: ``--conversations`` chats of ``--turns`` turns each, every turn's prompt the whole conversation so
+far plus ``--turn-tokens`` new tokens: TTFT per turn with caching on and off.
+
 Memory: the KV bytes the pool holds for ``--mem-running`` running requests of ``--mem-tokens`` tokens at
 ``max_model_len`` 8192, against the bytes those tokens need (one slot of max_model_len per sequence would
 reserve max_model_len / tokens times more).
@@ -87,6 +90,38 @@ def shared_prompts(fixture: Path, caching: bool, rate: float, requests: int, sys
             "leaked_blocks": engine.pool.used_blocks}
 
 
+def multi_turn(fixture: Path, caching: bool, conversations: int, turns: int, turn_tokens: int, seed: int) -> dict:
+    """``conversations`` chats of ``turns`` turns, run together turn by turn: each turn's prompt is the whole
+    conversation so far (earlier prompts and answers) plus ``turn_tokens`` new tokens; TTFT per turn (median
+    over the conversations)."""
+    from loraplex.server.engine.sampling import SamplingParams
+
+    engine, adapters = _engine(fixture, caching)
+    rng = random.Random(seed)
+    vocab = engine.vocab_size
+    for a in adapters:
+        engine.generate([[1, 2, 3]], SamplingParams(max_tokens=1), [a])
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    history = [[] for _ in range(conversations)]
+    per_turn = []
+    for _ in range(turns):
+        t0 = time.perf_counter()
+        ids = {}
+        for c in range(conversations):
+            history[c] += [rng.randrange(100, vocab - 100) for _ in range(turn_tokens)]
+            ids[engine.add_request(history[c], params, adapters=adapters[c % len(adapters)])] = c
+        first, outs = {}, {}
+        while engine.has_work():
+            for out in engine.step():
+                if out.new_token_ids and out.request_id not in first:
+                    first[out.request_id] = time.perf_counter() - t0
+                outs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        for rid, c in ids.items():
+            history[c] += outs[rid]
+        per_turn.append({"context": statistics.mean(len(h) for h in history), "ttft_p50": statistics.median(first.values())})
+    return {"caching": caching, "turns": per_turn, "leaked_blocks": engine.pool.used_blocks}
+
+
 def memory(fixture: Path, running: int, tokens: int) -> dict:
     from loraplex.server.engine.sampling import SamplingParams
 
@@ -116,20 +151,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-tokens", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--one", choices=["on", "off", "memory"], help=argparse.SUPPRESS)  # a child's part
+    ap.add_argument("--conversations", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--turn-tokens", type=int, default=200)
+    ap.add_argument("--one", choices=["on", "off", "memory", "chat-on", "chat-off"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
         if a.one == "memory":
             out = memory(a.fixture, a.mem_running, a.mem_tokens)
+        elif a.one.startswith("chat-"):
+            out = multi_turn(a.fixture, a.one == "chat-on", a.conversations, a.turns, a.turn_tokens, a.seed)
         else:
             out = shared_prompts(a.fixture, a.one == "on", a.rate, a.requests, a.system_tokens, a.seed)
         print(json.dumps(out))
         return 0
     results = {}
-    for part in ("off", "on", "memory"):  # each in its own process
+    for part in ("off", "on", "chat-off", "chat-on", "memory"):  # each in its own process
         cmd = [sys.executable, __file__, str(a.fixture), "--one", part, "--rate", str(a.rate), "--requests",
                str(a.requests), "--system-tokens", str(a.system_tokens), "--mem-running", str(a.mem_running),
-               "--mem-tokens", str(a.mem_tokens), "--seed", str(a.seed)]
+               "--mem-tokens", str(a.mem_tokens), "--seed", str(a.seed), "--conversations", str(a.conversations),
+               "--turns", str(a.turns), "--turn-tokens", str(a.turn_tokens)]
         results[part] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     if a.json:
         print(json.dumps(results, indent=1))
@@ -141,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['tok_per_s']:.1f} tok/s, prefix hits {r['prefix_hit_share']:.0%}")
     print(f"  TTFT p50 on/off: {on['ttft_p50'] / off['ttft_p50']:.3f}x; throughput on/off: "
           f"{on['tok_per_s'] / off['tok_per_s']:.2f}x")
+    chat_off, chat_on = results["chat-off"]["turns"], results["chat-on"]["turns"]
+    print(f"multi-turn ({a.conversations} conversations x {a.turns} turns of {a.turn_tokens} new tokens + 32 answer "
+          "tokens), TTFT p50 per turn, caching off / on:")
+    for i, (x, y) in enumerate(zip(chat_off, chat_on)):
+        print(f"  turn {i + 1} (context {x['context']:.0f}): {x['ttft_p50']:.2f} s / {y['ttft_p50']:.2f} s")
     print(f"memory: {mem['running']} running x {mem['tokens']} tokens: pool holds {mem['held_bytes'] / 1e6:.1f} MB for "
           f"{mem['needed_bytes'] / 1e6:.1f} MB of KV ({mem['ratio']:.2f}x; one slot of 8192 per sequence: "
           f"{mem['slots_would_reserve']:.0f}x)")
