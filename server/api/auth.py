@@ -129,6 +129,15 @@ class Principal:
         """The names (or references) this key may use, in their order: for model listings."""
         return [n for n in names if self.may_use(n)]
 
+    def cache_salt(self, requested: str | None) -> str | None:
+        """The prefix-cache salt of this key's requests: cached KV blocks are shared between the requests of one
+        key (the same adapter content too), never between keys, so a tenant cannot tell from a fast first token
+        that another tenant sent the same prompt to a shared adapter. A request's own ``cache_salt`` (vLLM's
+        field) narrows it further. Without API keys (one open server) only a request's own salt applies."""
+        if self is OPEN_PRINCIPAL:
+            return requested
+        return f"key:{self.name}" if requested is None else f"key:{self.name}\x00{requested}"
+
 
 OPEN_PRINCIPAL = Principal("anonymous", frozenset(SCOPES), ("*",))
 

@@ -28,7 +28,7 @@ async def chat(req: ChatCompletionRequest, request: Request, st: ApiState = Depe
     backend, limits = st.backend, st.limits
     prompt = await st.off_loop(backend.chat_prompt, [m.as_template_input() for m in req.messages])
     max_tokens = min(req.max_completion_tokens or req.max_tokens or limits.max_tokens, limits.max_tokens)
-    params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None, who)
     tok = backend.token_text if req.logprobs else None
     ticket = st.admission.admit(adapter=served.label, version=served.version, who=who)
     rid, created, started = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), time.monotonic()

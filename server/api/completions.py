@@ -32,7 +32,7 @@ async def completions(req: CompletionRequest, request: Request, st: ApiState = D
     user = request.headers.get("x-loraplex-user") or req.user
     served = await st.resolve(req, user, who)
     backend, limits = st.backend, st.limits
-    params = req.sampling(min(req.max_tokens or 16, limits.max_tokens), req.logprobs)
+    params = req.sampling(min(req.max_tokens or 16, limits.max_tokens), req.logprobs, who)
     if req.stream and len(prompts) != 1:
         raise InvalidAdapterError("streaming takes one prompt per request")
     ticket = st.admission.admit(len(prompts), adapter=served.label, version=served.version, who=who)

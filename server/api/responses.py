@@ -34,14 +34,17 @@ def headers(served: Served) -> dict[str, str]:
     return {"x-loraplex-adapter": served.display}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens``: prompt tokens the prefix cache served (only ever
+    from this key's own earlier requests: the cache is salted per API key)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def usage_of(out: RequestOutput) -> dict:
     """Usage from a request's last output (it carries the totals)."""
-    return usage(out.prompt_tokens, out.completion_tokens)
+    return usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
 
 
 # ---- logprobs --------------------------------------------------------------------------------------------
@@ -84,16 +87,17 @@ def chat_body(rid: str, created: int, served: Served, outs: list[RequestOutput],
 def completion_body(rid: str, created: int, served: Served, results: list[list[RequestOutput]],
                     tok: TokenText | None) -> dict:
     """A ``text_completion`` with one choice per prompt; ``tok`` given: with logprobs."""
-    choices, prompt_tokens, completion_tokens = [], 0, 0
+    choices, prompt_tokens, completion_tokens, cached_tokens = [], 0, 0, 0
     for i, outs in enumerate(results):
         last = outs[-1]
         prompt_tokens += last.prompt_tokens
+        cached_tokens += last.cached_tokens
         completion_tokens += last.completion_tokens
         choices.append({"index": i, "text": "".join(o.new_text for o in outs),
                         "logprobs": completion_logprobs(outs, tok) if tok is not None else None,
                         "finish_reason": last.finish_reason})
     return {"id": rid, "object": "text_completion", "created": created, "model": served.display,
-            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 # ---- stream chunks ---------------------------------------------------------------------------------------

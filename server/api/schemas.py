@@ -9,10 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..engine.request import (MAX_ADAPTER_WEIGHT, MAX_MIXTURE, MAX_REPETITION_PENALTY, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS,
                                MAX_TOKEN_ID, SEED_RANGE, SamplingParams)
+from .auth import Principal
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
 StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+MAX_CLIENT_SALT = 256  # a request's cache_salt; the engine's salt adds the API key's name to it
 MAX_MERGE_RANK = 1024  # svd_rank's ceiling here; the engine also holds it to its max_lora_rank
 
 
@@ -57,6 +59,7 @@ class _Common(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CLIENT_SALT)
     # loraplex extras (the openai client's extra_body)
     adapters: list[AdapterWeight] | None = Field(default=None, max_length=MAX_MIXTURE)
     merge: MergeRequest | None = None
@@ -68,7 +71,8 @@ class _Common(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         return v
 
-    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: int | None, who: Principal) -> SamplingParams:
+        """The engine's parameters, with the prefix-cache salt of the key ``who`` (``Principal.cache_salt``)."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
@@ -76,6 +80,7 @@ class _Common(BaseModel):
             seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty or 1.0, logprobs=logprobs,
+            cache_salt=who.cache_salt(self.cache_salt),
         )
 
 

@@ -5,7 +5,8 @@ full block is registered under the hash of (what computed it, its tokens, the ha
 "what computed it" is the sequence's ``identity``, the content digest of its adapter version (or of each
 member of a mixture with its weight), or the base's, never a name or an alias, so a prefix cached under one
 adapter is never read by another adapter or by the base, and a version replaced under the same name never
-serves stale blocks. Hashes are BLAKE2b (128 bits): a collision would hand one request another's keys and
+serves stale blocks; with the request's cache salt (the API's per-key salt, vLLM's ``cache_salt``), so two
+tenants sharing one adapter never share cached blocks (nor learn from a hit's timing what the other sent). Hashes are BLAKE2b (128 bits): a collision would hand one request another's keys and
 values, so they are not Python's ``hash``.
 
 A block no sequence references keeps its contents while it is registered: the next request with the same
@@ -28,15 +29,18 @@ from ..model.kv_cache import KVCache
 BASE_IDENTITY = hashlib.blake2b(b"loraplex:base", digest_size=16).digest()
 
 
-def identity(adapters: Sequence[tuple[bytes, float]]) -> bytes:
+def identity(adapters: Sequence[tuple[bytes, float]], salt: str | None = None) -> bytes:
     """What computes a sequence's keys and values: the base (no adapter), or its adapters' content digests with
-    their weights (a mixture's order matters as its weights do)."""
-    if not adapters:
+    their weights (a mixture's order matters as its weights do); and who may share them: its cache salt."""
+    if not adapters and salt is None:
         return BASE_IDENTITY
-    h = hashlib.blake2b(b"loraplex:lora", digest_size=16)
+    h = hashlib.blake2b(b"loraplex:lora" if adapters else b"loraplex:base", digest_size=16)
     for digest, weight in adapters:
         h.update(digest)
         h.update(struct.pack("<d", float(weight)))
+    if salt is not None:
+        raw = salt.encode("utf-8", "surrogatepass")
+        h.update(b"salt" + struct.pack("<q", len(raw)) + raw)
     return h.digest()
 
 

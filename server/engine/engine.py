@@ -273,6 +273,7 @@ class Engine:
             seq.request_id, new_ids, new_text, seq.logprobs[first:],
             seq.top_logprobs[first:] if seq.params.logprobs is not None else None,
             done, seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids), seq.adapters,
+            cached_tokens=seq.cached_prompt,
         )
 
     def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:

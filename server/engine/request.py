@@ -18,6 +18,7 @@ MAX_TOKEN_ID = 2**31 - 1  # ids and top_k fit int32 (the engine checks them agai
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 MAX_MIXTURE = 8  # adapters in one mixture or merge
 MAX_REPETITION_PENALTY = 10.0  # past this every seen token is all but excluded already
+MAX_CACHE_SALT = 512  # characters of a prefix-cache salt (the API's is a key name and a client's salt)
 
 
 def check_mixture(adapters: list[tuple[str, float]] | tuple[tuple[str, float], ...]) -> None:
@@ -44,7 +45,9 @@ def _int(value: object) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """The OpenAI/vLLM sampling knobs of one request; invalid values raise ``ValueError``."""
+    """The OpenAI/vLLM sampling knobs of one request, and its prefix-cache salt; invalid values raise
+    ``ValueError``. ``cache_salt`` (vLLM's): cached KV blocks are shared only between requests with the same
+    salt (and the same adapter content); the API sets it per API key, so tenants never share cached prefixes."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -59,6 +62,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -89,6 +93,9 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or (_int(self.logprobs)
                                                    and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"null or an integer in [0, {MAX_LOGPROBS}]"),
+            ("cache_salt", self.cache_salt is None or (isinstance(self.cache_salt, str)
+                                                       and 0 < len(self.cache_salt) <= MAX_CACHE_SALT),
+             f"null or a non-empty string of at most {MAX_CACHE_SALT} characters"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -124,6 +131,7 @@ class RequestOutput:
     adapters: tuple[tuple[str, float], ...]
     error: Exception | None = None
     arrived: float | None = None  # when the API received it (monotonic seconds), for latency metrics
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache, not computed (usage's cached_tokens)
 
 
 async def drain(queue) -> AsyncIterator[RequestOutput]:

@@ -108,10 +108,13 @@ class Scheduler:
     def _reuse(self, seq: Sequence, slots: list[int]) -> None:
         """A sequence about to be admitted: its identity, and the cached blocks its tokens start with (it then
         computes only what follows them). At least its last token is left to compute: it gives the logits."""
-        seq.identity = identity([(self.adapters.slot_digest(s), w) for s, (_, w) in zip(slots, seq.adapters)])
+        seq.identity = identity([(self.adapters.slot_digest(s), w) for s, (_, w) in zip(slots, seq.adapters)],
+                                seq.params.cache_salt)
         looked = seq.prefill_len - 1
         seq.blocks, seq.block_hashes = self.pool.match(seq.identity, seq.all_ids[:looked])
         seq.num_cached = len(seq.blocks) * self.pool.block_size
+        if not seq.preemptions:
+            seq.cached_prompt = seq.num_cached
         key = seq.adapters[0][0] if len(seq.adapters) == 1 else "mixture" if seq.adapters else "base"
         if key not in self.prefix_by_adapter and len(self.prefix_by_adapter) >= MAX_PREFIX_KEYS:
             key = "other"

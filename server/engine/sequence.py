@@ -28,6 +28,7 @@ class Sequence:
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys/values are in the cache
+    cached_prompt: int = 0  # prompt tokens found in the prefix cache when it was first admitted
     blocks: list[int] = field(default_factory=list)  # KV block table while running: position p in blocks[p // size]
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks so far (prefix caching)
     identity: bytes = b""  # what computes its keys and values (block_pool.identity), set when admitted

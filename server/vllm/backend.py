@@ -264,8 +264,8 @@ class VllmBackend:
         try:
             lora = self.catalog.lora_request(checked) if checked is not None else None
             stream = OutputStream(request_id, len(ids), tuple((n, float(w)) for n, w in adapters), params.logprobs)
-            self._loop.call_soon_threadsafe(self._start_pump, ids, to_vllm(params), lora, checked, request_id, stream,
-                                            push)
+            self._loop.call_soon_threadsafe(self._start_pump, ids, params.cache_salt, to_vllm(params), lora, checked,
+                                            request_id, stream, push)
         except BaseException as exc:
             self.catalog.release(checked)
             if isinstance(exc, RuntimeError):  # the loop is stopped: closed meanwhile
@@ -297,10 +297,10 @@ class VllmBackend:
             fut.add_done_callback(let_go)
             raise
 
-    def _start_pump(self, ids, params, lora, checked, request_id: str, stream: OutputStream, push) -> None:
+    def _start_pump(self, ids, salt, params, lora, checked, request_id: str, stream: OutputStream, push) -> None:
         """On the vLLM loop: start the request's task; when it ends, however, its adapter hold is released
         (only then: an aborted request is aborted in vLLM before its adapter may be evicted)."""
-        task = self._loop.create_task(self._pump(ids, params, lora, request_id, stream, push))
+        task = self._loop.create_task(self._pump(ids, salt, params, lora, request_id, stream, push))
         self._inflight[request_id] = lora.lora_name if lora is not None else None
         self._pumps[request_id] = (task, push)
 
@@ -317,14 +317,18 @@ class VllmBackend:
         if entry is not None:
             entry[0].cancel()
 
-    async def _pump(self, ids: list[int], params, lora, request_id: str, stream: OutputStream, push) -> None:
+    async def _pump(self, ids: list[int], salt: str | None, params, lora, request_id: str, stream: OutputStream,
+                    push) -> None:
         """On the vLLM loop: run one request, handing each converted output to ``push``."""
         engine = self._engine
         if not self._up or engine is None:
             push(EngineUnavailableError(_RESTARTING))
             return
+        prompt = {"prompt_token_ids": ids}
+        if salt is not None:  # vLLM mixes it into the first block's hash: no cached block is shared across salts
+            prompt["cache_salt"] = salt
         try:
-            async for out in engine.generate({"prompt_token_ids": ids}, params, request_id, lora_request=lora):
+            async for out in engine.generate(prompt, params, request_id, lora_request=lora):
                 push(stream.convert(out))
         except asyncio.CancelledError:
             raise

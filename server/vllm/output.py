@@ -15,6 +15,7 @@ class OutputStream:
         self.adapters = adapters
         self.logprobs = logprobs  # top logprobs asked for per token, None if none
         self.completion_tokens = 0
+        self.cached_tokens = 0
 
     def convert(self, out) -> RequestOutput:
         """One ``vllm.outputs.RequestOutput`` (``RequestOutputKind.DELTA``) -> loraplex's."""
@@ -36,5 +37,8 @@ class OutputStream:
         reason = comp.finish_reason if (comp is not None and done) else None
         if done and reason is None:
             reason = "abort"
+        if out.num_cached_tokens is not None:  # vLLM's prefix-cache hit, with the first output
+            self.cached_tokens = int(out.num_cached_tokens)
         return RequestOutput(self.request_id, ids, comp.text if comp is not None else "", values, tops, done,
-                             reason, self.prompt_tokens, self.completion_tokens, self.adapters)
+                             reason, self.prompt_tokens, self.completion_tokens, self.adapters,
+                             cached_tokens=self.cached_tokens)

@@ -265,3 +265,15 @@ def test_a_metrics_key_reads_metrics_and_nothing_else():
         KeyStore.load(api_key=OPS_KEY, metrics_key=OPS_KEY)
     with pytest.raises(ConfigError, match="LORAPLEX_METRICS_KEY"):
         KeyStore.load(api_key=OPS_KEY, metrics_key="short")
+
+
+def test_cache_salt_is_per_key_and_a_request_salt_narrows_it():
+    from loraplex.server.api.auth import OPEN_PRINCIPAL, Principal
+
+    acme, globex = Principal("acme", frozenset({"inference"})), Principal("globex", frozenset({"inference"}))
+    assert acme.cache_salt(None) != globex.cache_salt(None)
+    assert acme.cache_salt(None) == Principal("acme", frozenset({"admin"})).cache_salt(None)
+    assert acme.cache_salt("a") not in (acme.cache_salt(None), acme.cache_salt("b"), globex.cache_salt("a"))
+    assert OPEN_PRINCIPAL.cache_salt(None) is None  # one open server: one cache, unless a request salts it
+    assert OPEN_PRINCIPAL.cache_salt("x") == "x"
+    assert Principal("anonymous", frozenset()).cache_salt(None) is not None  # a key named so is still a key

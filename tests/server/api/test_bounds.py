@@ -73,3 +73,14 @@ def test_every_numeric_field_has_a_range():
                 if not any(k in text for k in ("maximum", "exclusiveMaximum", "const", "enum")):
                     unbounded.append(f"{kind}.{name}")
     assert unbounded == []
+
+
+@pytest.mark.parametrize("kind", list(SCHEMAS))
+def test_a_cache_salt_past_its_length_is_a_400(api, kind):
+    async def main():
+        async with api.client() as c:
+            return (await c.post(PATHS[kind], json={**VALID[kind], "cache_salt": "s" * 257}),
+                    await c.post(PATHS[kind], json={**VALID[kind], "cache_salt": "s" * 256}))
+
+    long, ok = run(main())
+    assert long.status_code == 400 and "cache_salt" in long.text and ok.status_code == 200

@@ -341,3 +341,30 @@ def test_streaming_error_is_an_sse_error_event(server):
         lines = [line for line in r.iter_lines() if line.startswith("data:")]
     errs = [json.loads(line[5:]) for line in lines if "error" in line]
     assert errs and "tokens" in errs[0]["error"]["message"] and lines[-1] == "data: [DONE]"
+
+
+def test_prefix_cache_is_per_version_and_per_salt(client, world):
+    """Live on both engines (vLLM's own prefix caching included): a prompt sent again is served from the cache
+    (usage.prompt_tokens_details.cached_tokens); the same prompt to another version of the same adapter name,
+    or under another cache_salt, computes every token again, and gives the uncached output."""
+    import random
+
+    rng = random.Random(f"prefix-{world['engine']}")
+    prompt = " ".join(f"w{rng.randrange(10, 120)}" for _ in range(200))
+
+    def ask(model, salt=None):
+        extra = {"cache_salt": salt} if salt is not None else None
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, extra_body=extra)
+        return r.choices[0].text, r.usage.prompt_tokens_details.cached_tokens
+
+    first, cached = ask("helper@1")
+    assert cached == 0
+    again, cached = ask("helper@1")
+    assert cached >= 16 and again == first  # at least a block of the 200-token prompt
+    v2, cached = ask("helper@2")
+    assert cached == 0  # another version under the same name never reads helper@1's blocks
+    salted, cached = ask("helper@1", "tenant-a")
+    assert cached == 0 and salted == first  # another salt: its own cache, the same computation
+    assert ask("helper@1", "tenant-a")[1] >= 16
+    assert ask("helper@1", "tenant-b")[1] == 0
+    assert ask("helper@2")[0] == v2

@@ -71,6 +71,22 @@ def test_tenant_isolation_is_a_404(keyed):
     assert {m.id for m in globex.models.list().data} >= {"helper", "other"}
 
 
+def test_two_keys_on_one_adapter_never_share_cached_prefixes(keyed):
+    """The prefix cache is salted per API key (on both engines): a tenant cannot learn from a fast first token,
+    nor from cached_tokens, that another tenant sent the same prompt to a shared adapter."""
+    ops, globex = client(keyed, ADMIN_KEY), client(keyed, OTHER_KEY)
+    prompt = " ".join(f"w{(i * 37) % 110 + 10}" for i in range(200))
+
+    def cached(who):
+        r = who.completions.create(model="helper@1", prompt=prompt, max_tokens=2, temperature=0)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    assert cached(ops) == 0
+    assert cached(ops) >= 16  # its own repeat is a hit
+    assert cached(globex) == 0  # the other key's cache is not its own
+    assert cached(globex) >= 16
+
+
 def test_metrics_need_a_key_with_the_metrics_scope(keyed):
     assert httpx.get(keyed.url + "/metrics").status_code == 401
     r = httpx.get(keyed.url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"})

@@ -65,6 +65,39 @@ def test_identity_is_the_content_not_the_name(folders):
     assert engine.pool.hits == hits + 32
 
 
+def test_a_prefix_is_shared_only_under_the_same_cache_salt(folders, reference):
+    """Two tenants on one adapter: each key's salt gives it its own cached blocks (no timing side channel), the
+    same salt shares them, and a salted request computes exactly what an unsalted one does."""
+    engine = make_engine(folders)
+
+    def run(adapters, salt):
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0, cache_salt=salt)
+        [seq] = engine.generate([PROMPT], params, [adapters])
+        return seq
+
+    plain = run("qv4", None)
+    for salt in ("key:acme", "key:globex", "key:acme\x00conversation-7"):
+        hits = engine.pool.hits
+        seq = run("qv4", salt)
+        assert engine.pool.hits == hits, salt  # nothing cached under another salt (or none) is read
+        assert seq.output_ids == plain.output_ids
+        torch.testing.assert_close(torch.tensor(seq.logprobs), torch.tensor(plain.logprobs), atol=1e-5, rtol=0)
+    hits = engine.pool.hits
+    assert run("qv4", "key:acme").output_ids == plain.output_ids
+    assert engine.pool.hits == hits + 32  # the same key finds its own prefix
+    hits = engine.pool.hits
+    run(None, "key:acme")  # the same salt on the base: still its own identity
+    assert engine.pool.hits == hits
+    assert plain.output_ids == peft_greedy(reference, PROMPT, "qv4", GREEDY.max_tokens)
+    assert engine.pool.used_blocks == 0
+
+
+@pytest.mark.parametrize("salt", ["", "x" * 513, 7])
+def test_a_cache_salt_is_a_bounded_string(salt):
+    with pytest.raises(ValueError, match="cache_salt"):
+        SamplingParams(cache_salt=salt)
+
+
 def test_the_next_turn_reuses_the_generated_tokens(folders, reference):
     engine = make_engine(folders)
     first = _run(engine, PROMPT[:30], "all8")
