@@ -87,7 +87,7 @@ def _native_backend(settings: ServerSettings, reg_settings, registry: AdapterReg
                        max_cpu_loras=settings.max_cpu_loras, max_running=settings.max_running,
                        max_model_len=settings.max_model_len, max_batched_tokens=settings.max_batched_tokens,
                        prefill_chunk=settings.prefill_chunk, load_share=settings.load_share,
-                       kv_cache_gib=settings.kv_cache_gib)
+                       kv_cache_gib=settings.kv_cache_gib, prefix_caching=settings.prefix_caching)
     return EngineProcess(EngineLaunch(spec, cfg, reg_settings.registry, str(reg_settings.cache)))
 
 
@@ -108,5 +108,6 @@ def _vllm_backend(settings: ServerSettings, reg_settings, registry: AdapterRegis
         max_loras=settings.max_loras, max_cpu_loras=settings.max_cpu_loras, max_lora_rank=settings.max_lora_rank,
         max_running=settings.max_running, max_model_len=settings.max_model_len,
         max_batched_tokens=settings.max_batched_tokens, tensor_parallel_size=settings.tensor_parallel_size,
-        pipeline_parallel_size=settings.pipeline_parallel_size, kv_cache_gib=settings.kv_cache_gib)
+        pipeline_parallel_size=settings.pipeline_parallel_size, kv_cache_gib=settings.kv_cache_gib,
+        prefix_caching=settings.prefix_caching)
     return VllmBackend(launch, located.info, registry, reg_settings.cache / "derived")

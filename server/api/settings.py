@@ -53,6 +53,8 @@ class ServerSettings(BaseSettings):
     max_batched_tokens: int = Field(default=1024, ge=16, description="tokens in one engine step")
     prefill_chunk: int = Field(default=256, ge=16,
                                description="native engine: the most prompt tokens of one sequence in a step")
+    prefix_caching: bool = Field(default=True, description="reuse the KV blocks of prompt prefixes computed before "
+                                                           "(per adapter content and per API key)")
     load_share: float = Field(default=0.15, ge=0, lt=1, description="native engine: share of each step's time "
                                                                      "given to adapter loads while one runs")
     max_queue: int = Field(default=256, ge=1, description="requests that may wait beyond those running")

@@ -45,6 +45,7 @@ class VllmLaunch:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     kv_cache_gib: float | None = None  # None: 4 GiB on CPU, vLLM's default (a share of free memory) on GPUs
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.quantize not in ("none", "nf4"):
@@ -81,7 +82,7 @@ class VllmLaunch:
             # On CPU, torch.compile costs minutes at start for little gain on small models; CUDA keeps
             # vLLM's compiled graphs.
             enforce_eager=self.device == "cpu",
-            enable_prefix_caching=True,  # keyed per adapter by its LoRA name and path (see catalog.lora_key)
+            enable_prefix_caching=self.prefix_caching,  # keyed per adapter by its LoRA name and path (see catalog.lora_key)
             disable_log_stats=True,  # loraplex's own stat logger is passed instead (see stats.py)
             **extra,
         )

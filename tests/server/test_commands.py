@@ -50,12 +50,13 @@ def test_flags_override_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAPLEX_MAX_LORAS", "5")
     monkeypatch.setenv("LORAPLEX_MAX_RUNNING", "7")
     argv = ["serve", "--max-loras", "3", "--engine", "vllm", "--kv-cache-gib", "0.5", "--load-share", "0.2",
-            "--api-keys-file", str(tmp_path / "keys.yaml"), "--registry", "file:///srv/reg", "--registry-ttl", "0"]
+            "--api-keys-file", str(tmp_path / "keys.yaml"), "--registry", "file:///srv/reg", "--registry-ttl", "0",
+            "--no-prefix-caching"]
     args = build_parser(argv).parse_args(argv)
     assert args.fn(args) == 0
     (s,) = built
-    assert (s.max_loras, s.max_running, s.engine, s.kv_cache_gib, s.load_share, s.registry_ttl) == \
-        (3, 7, "vllm", 0.5, 0.2, 0.0)
+    assert (s.max_loras, s.max_running, s.engine, s.kv_cache_gib, s.load_share, s.registry_ttl, s.prefix_caching) == \
+        (3, 7, "vllm", 0.5, 0.2, 0.0, False)
     assert s.api_keys_file == tmp_path / "keys.yaml" and s.registry == "file:///srv/reg"
     assert s.port == 8000 and s.quantize is None  # not given: the default
 

@@ -215,3 +215,4 @@ def test_vllm_prefix_cache_keys_differ_per_version_and_per_folder_content(catalo
     after = catalog.lora_request(catalog.check(str(folder)))
     assert before.lora_path == after.lora_path and before.lora_name != after.lora_name
     assert VllmLaunch(model=tmp_path).engine_args().enable_prefix_caching is True
+    assert VllmLaunch(model=tmp_path, prefix_caching=False).engine_args().enable_prefix_caching is False
