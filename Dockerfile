@@ -4,7 +4,8 @@
 #   docker run --gpus all -p 8000:8000 -v loraplex-data:/data -e LORAPLEX_DEVICE=cuda \
 #       -e LORAPLEX_API_KEY=$(openssl rand -hex 24) loraplex:latest
 #
-# Without --gpus (and with the default LORAPLEX_DEVICE=cpu) the same image serves on the CPU.
+# Without --gpus (and with the default LORAPLEX_DEVICE=cpu) the same image serves on the CPU. (g++, ninja and the
+# Python headers build the CPU paged-attention kernel on the machine that runs it, at the first start.)
 #
 # GPU image and the torch pin
 # ---------------------------
@@ -39,6 +40,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-pip ca-certificates \
+       g++ ninja-build python3-dev \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 

@@ -65,7 +65,8 @@ def servers(fixture: Path, work: Path, only: set[str]) -> dict[str, tuple[list[s
     def ours(port: int, caching: bool) -> list[str]:
         return [loraplex, "serve", "--model", str(fixture / "smollm2"), "--quantize", "none", "--port", str(port),
                 "--max-loras", "4", "--max-lora-rank", "16", "--max-running", "32", "--max-batched-tokens", "1024",
-                "--registry", reg_uri, "--prefix-caching" if caching else "--no-prefix-caching", *COMMON]
+                "--registry", reg_uri, "--prefix-caching" if caching else "--no-prefix-caching",
+                "--request-timeout", "7200", "--max-queue", "1024", *COMMON]
 
     mods = [f"{a}={fixture / 'adapters' / a}" for a in ADAPTERS]
     vllm = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(fixture / "smollm2"),

@@ -70,9 +70,10 @@ def build_server(settings: ServerSettings) -> Server:
     app = create_app(backend, resolver, keys=keys, metrics=Metrics(), limits=limits, metrics_open=settings.metrics_open,
                      registry_probe=RegistryProbe(registry).start())
     resident = backend.info["resident_bytes"]
-    log.info("loraplex: base %s (%s engine, %s, %s%s) loaded in %.1f s; registry %s; %s", info.id, settings.engine,
+    attention = f", decode attention: {backend.info['attention']}" if backend.info.get("attention") else ""
+    log.info("loraplex: base %s (%s engine, %s, %s%s%s) loaded in %.1f s; registry %s; %s", info.id, settings.engine,
              settings.quantization, settings.device, f", {resident / 1e6:.0f} MB resident" if resident else "",
-             backend.info["load_seconds"], registry.uri, keys.describe())
+             attention, backend.info["load_seconds"], registry.uri, keys.describe())
     return Server(settings, app, backend)
 
 

@@ -60,7 +60,7 @@ def build_step(work: list[Work], slot_ranks: dict[int, int], lora_dtype: torch.d
         mask = (torch.arange(nb * block_size, device=device).unsqueeze(0) < as_long(lens).unsqueeze(1)).view(1, d, 1, -1)
     batch = StepBatch(
         input_ids=as_long(ids), positions=as_long(pos), slot_mapping=as_long(mapping), num_decode=d,
-        decode_tables=as_long(tables).view(d, nb), decode_mask=mask, prefills=tuple(chunks),
+        decode_tables=as_long(tables).view(d, nb), decode_mask=mask, decode_lens=as_long(lens), prefills=tuple(chunks),
         logit_rows=as_long(logit_rows),
         lora=LoraBatch.build(lora_rows, slot_ranks, lora_dtype, device) if lora_rows else None,
     )

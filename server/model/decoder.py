@@ -4,8 +4,8 @@ The weights are the transformers model's own modules (so bitsandbytes NF4/int8 l
 they are); the forward is ours: every step runs each linear once on all tokens ``[T, hidden]``
 (decodes and prefill chunks of many requests together), adds each token's LoRA delta from the
 ``LoraBank``, writes keys/values into the paged ``KVCache``, and attends per group: all
-single-token decodes in one SDPA call over their gathered blocks, each prefill chunk in one call. Logits are computed only
-for the rows that will be sampled.
+single-token decodes in one call (on CPU the paged kernel, which reads each sequence's blocks in place; else SDPA over
+their gathered blocks), each prefill chunk in one SDPA call. Logits are computed only for the rows that will be sampled.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import paged_attention
 from .kv_cache import KVCache
 from ..lora.bank import GroupKey, LoraBank, LoraBatch
 from ..lora.weights import PROJECTIONS, ModuleKey
@@ -42,6 +43,7 @@ class StepBatch:
     num_decode: int  # D
     decode_tables: torch.Tensor  # [D, nb] int64: each decode's block table, padded with the null block
     decode_mask: torch.Tensor | None  # [1, D, 1, nb * block_size] bool: key position < context length (None: all full)
+    decode_lens: torch.Tensor  # [D] int64: each decode's context length (its position + 1)
     prefills: tuple[PrefillChunk, ...]
     logit_rows: torch.Tensor  # [N] int64: rows whose next-token logits are needed
     lora: LoraBatch | None
@@ -62,6 +64,7 @@ class Decoder:
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scaling = self.head_dim ** -0.5
+        self.paged = paged_attention.available(device)  # decodes read the pool in place (else gather + SDPA)
         self.projections = [
             {"qkv": Projection([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]),
              "o": Projection([l.self_attn.o_proj]),
@@ -148,7 +151,13 @@ class Decoder:
         out = torch.empty(t, self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
         gqa = self.num_kv_heads != self.num_heads
         d = batch.num_decode
-        if d:
+        if d and self.paged:
+            group = self.num_heads // self.num_kv_heads
+            qd = q[:d].view(d, self.num_kv_heads, group, self.head_dim)  # [D, kv, group, hd]
+            od = paged_attention.paged_decode(qd, cache.k[layer], cache.v[layer], batch.decode_tables,
+                                              batch.decode_lens, self.scaling)
+            out[:d] = od.view(d, self.num_heads, self.head_dim)
+        elif d:
             k, v = cache.gather(layer, batch.decode_tables)  # [kv, D, nb * block_size, hd]
             # One query per head: the heads that share a KV head are that "sequence"'s queries, so SDPA runs on
             # the gathered layout as it is (a transposed copy with a mask took 10x longer on CPU, see the README).

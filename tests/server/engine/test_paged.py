@@ -57,3 +57,17 @@ def test_a_6000_token_prompt_with_the_models_full_context():
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert seq.output_ids == ids[len(prompt):]
     assert engine.pool.used_blocks == 0
+
+
+def test_the_engine_decodes_the_same_with_the_kernel_and_with_the_gather_path(folders):
+    """On CPU decodes read the pool in place (the paged kernel); the gather + SDPA path (CUDA, or no compiler)
+    gives the same greedy tokens and logprobs."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+    engine = make_engine(folders)
+    assert engine.decoder.paged
+    paged = engine.generate(PROMPTS, params, ASSIGN)
+    engine.decoder.paged = False
+    gathered = engine.generate(PROMPTS, params, ASSIGN)
+    for a, b in zip(paged, gathered):
+        assert a.output_ids == b.output_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
