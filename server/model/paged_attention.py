@@ -135,6 +135,8 @@ def _cpu_tag() -> str:
 
 def _load():
     global _module, _failed
+    if _module is not None:  # the hot path: every decode layer asks
+        return _module
     with _lock:
         if _module is not None or _failed is not None:
             return _module
