@@ -64,6 +64,16 @@ class _Common(BaseModel):
     adapters: list[AdapterWeight] | None = Field(default=None, max_length=MAX_MIXTURE)
     merge: MergeRequest | None = None
 
+    @field_validator("cache_salt")
+    @classmethod
+    def _salt(cls, v):  # a lone surrogate ("\ud800" in JSON) would reach vLLM's block hasher in its engine core
+        if v is not None:
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("cache_salt must be valid UTF-8 text") from None
+        return v
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):

@@ -84,3 +84,14 @@ def test_a_cache_salt_past_its_length_is_a_400(api, kind):
 
     long, ok = run(main())
     assert long.status_code == 400 and "cache_salt" in long.text and ok.status_code == 200
+
+
+@pytest.mark.parametrize("kind", list(SCHEMAS))
+def test_a_cache_salt_that_is_not_utf8_is_a_400(api, kind):
+    async def main():
+        async with api.client() as c:
+            body = json.dumps({**VALID[kind], "cache_salt": "x"}).replace('"x"', '"\\ud800"')
+            return await c.post(PATHS[kind], content=body, headers={"content-type": "application/json"})
+
+    r = run(main())
+    assert r.status_code == 400 and "cache_salt" in r.text, r.text
