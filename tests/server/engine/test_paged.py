@@ -28,6 +28,11 @@ def test_preemption_under_a_small_pool_keeps_every_greedy_output(folders, refere
     # 5 requests of up to 50 tokens need up to 4 blocks of 16 each: 10 blocks make them take turns mid-flight
     tight = make_engine(folders, kv_cache_gib=_pool_gib(10, folders))
     assert tight.pool.total_blocks == 10
+    # adapters load in the background: have them in host memory first, so that all five are admitted on the
+    # first step whatever the machine's speed (otherwise a slow load staggers them and nobody is preempted)
+    tight.adapters.prefetch({a for a in ASSIGN if a})
+    tight.adapters.wait_idle()
+    tight.adapters.poll()
     seqs = tight.generate(PROMPTS, GREEDY, ASSIGN)
     assert tight.scheduler.preemptions > 0 and sum(s.preemptions for s in seqs) == tight.scheduler.preemptions
     assert [s.output_ids for s in seqs] == want
