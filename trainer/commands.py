@@ -83,12 +83,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps([{"ref": r.ref, "resolved": r.resolved, "rows": r.rows, "eval_loss": r.eval_loss,
                            "exact_match": r.exact_match, "answers": r.answers} for r in results], indent=2))
         return 0
-    width = max(len(r.resolved) for r in results) + 2
-    print(f"{'':14s}" + "".join(f"{r.resolved:>{width}s}" for r in results))
-    print(f"{'eval loss':14s}" + "".join(f"{r.eval_loss:>{width}.4f}" for r in results))
-    print(f"{'exact match':14s}" + "".join(f"{r.exact_match:>{width}.1%}" for r in results))
-    print(f"{'rows':14s}" + "".join(f"{r.rows:>{width}d}" for r in results))
+    print(table(results))
     return 0
+
+
+def table(results) -> str:
+    """Evaluation results side by side, one column per version."""
+    width = max(len(r.resolved) for r in results) + 2
+    return "\n".join([
+        f"{'':14s}" + "".join(f"{r.resolved:>{width}s}" for r in results),
+        f"{'eval loss':14s}" + "".join(f"{r.eval_loss:>{width}.4f}" for r in results),
+        f"{'exact match':14s}" + "".join(f"{r.exact_match:>{width}.1%}" for r in results),
+        f"{'rows':14s}" + "".join(f"{r.rows:>{width}d}" for r in results),
+    ])
 
 
 def _args_eval(p: argparse.ArgumentParser) -> None:

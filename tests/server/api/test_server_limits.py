@@ -93,24 +93,39 @@ def test_metrics_need_a_key_with_the_metrics_scope(keyed):
     assert r.status_code == 403 and "'metrics' scope" in r.json()["error"]["message"]
 
 
-def test_overload_answers_429_with_retry_after(world):  # noqa: F811
+@pytest.fixture(scope="module")
+def guarded(world):  # noqa: F811
+    """One request at a time, two queued, and a registry that is down (the base model needs none): one server
+    start for the overload and registry-down tests."""
+    from ports import free_port
+
+    closed = free_port()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORAPLEX_HOME", str(world["root"] / "home"))
-        s = LiveServer(settings(world, max_running=1, max_queue=2))
-    try:
-        async def main():
-            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
-                body = {"model": BASE, "prompt": "w3 w4", "max_tokens": 60, "ignore_eos": True}
-                return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(12)))
-
-        results = asyncio.run(main())
-        codes = [r.status_code for r in results]
-        assert 429 in codes and 200 in codes, codes
-        rejected = [r for r in results if r.status_code == 429]
-        assert all(r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error" for r in rejected)
-        assert 'outcome="rejected"' in httpx.get(s.url + "/metrics").text
-    finally:
+        mp.setenv("AWS_ACCESS_KEY_ID", "x")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "y")
+        cfg = settings(world, max_running=1, max_queue=2).model_copy(
+            update={"registry": f"s3://down/r?endpoint_url=http://127.0.0.1:{closed}&region=us-east-1"})
+        s = LiveServer(cfg)
+        s.closed_port = closed
+        yield s
         s.stop()
+
+
+def test_overload_answers_429_with_retry_after(guarded):
+    s = guarded
+
+    async def main():
+        async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+            body = {"model": BASE, "prompt": "w3 w4", "max_tokens": 60, "ignore_eos": True}
+            return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(12)))
+
+    results = asyncio.run(main())
+    codes = [r.status_code for r in results]
+    assert 429 in codes and 200 in codes, codes
+    rejected = [r for r in results if r.status_code == 429]
+    assert all(r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error" for r in rejected)
+    assert 'outcome="rejected"' in httpx.get(s.url + "/metrics").text
 
 
 def test_request_timeout_is_504(world):  # noqa: F811
@@ -152,21 +167,10 @@ def test_adapter_for_another_base_is_refused(world, keyed, tmp_path):  # noqa: F
     assert str(other) not in r.text and "foreign@" not in r.text  # neither the pusher's path nor the version
 
 
-def test_registry_down_is_a_503(world):  # noqa: F811
-    from ports import free_port
-
-    closed = free_port()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORAPLEX_HOME", str(world["root"] / "home"))
-        mp.setenv("AWS_ACCESS_KEY_ID", "x")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "y")
-        cfg = settings(world).model_copy(update={"registry": f"s3://down/r?endpoint_url=http://127.0.0.1:{closed}&region=us-east-1"})
-        s = LiveServer(cfg)
-    try:
-        r = httpx.post(s.url + "/v1/completions", json={"model": "helper", "prompt": "w3", "max_tokens": 1}, timeout=120)
-        assert r.status_code == 503 and r.json()["error"]["message"] == STORAGE_MESSAGE, r.text
-        assert f"127.0.0.1:{closed}" not in r.text and "s3://" not in r.text and "down" not in r.text
-        ok = httpx.post(s.url + "/v1/completions", json={"model": BASE, "prompt": "w3", "max_tokens": 1})
-        assert ok.status_code == 200  # the base model keeps serving
-    finally:
-        s.stop()
+def test_registry_down_is_a_503(guarded):
+    s, closed = guarded, guarded.closed_port
+    r = httpx.post(s.url + "/v1/completions", json={"model": "helper", "prompt": "w3", "max_tokens": 1}, timeout=120)
+    assert r.status_code == 503 and r.json()["error"]["message"] == STORAGE_MESSAGE, r.text
+    assert f"127.0.0.1:{closed}" not in r.text and "s3://" not in r.text and "down" not in r.text
+    ok = httpx.post(s.url + "/v1/completions", json={"model": BASE, "prompt": "w3", "max_tokens": 1})
+    assert ok.status_code == 200  # the base model keeps serving
