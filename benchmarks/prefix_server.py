@@ -51,8 +51,8 @@ def _text(rng: random.Random, words: list[str], n: int) -> str:
     return " ".join(rng.choice(words) for _ in range(n))
 
 
-def servers(fixture: Path, work: Path, only: set[str]) -> dict[str, tuple[list[str], dict, str]]:
-    """name -> (command, environment, base URL)."""
+def servers(fixture: Path, work: Path, only: set[str], kv_gib: int = 2) -> dict[str, tuple[list[str], dict, str]]:
+    """name -> (command, environment, base URL); every server gets ``kv_gib`` GiB of KV cache."""
     from loraplex.adapters import AdapterRegistry
 
     reg_uri = (work / "registry").as_uri()
@@ -66,7 +66,7 @@ def servers(fixture: Path, work: Path, only: set[str]) -> dict[str, tuple[list[s
         return [loraplex, "serve", "--model", str(fixture / "smollm2"), "--quantize", "none", "--port", str(port),
                 "--max-loras", "4", "--max-lora-rank", "16", "--max-running", "32", "--max-batched-tokens", "1024",
                 "--registry", reg_uri, "--prefix-caching" if caching else "--no-prefix-caching",
-                "--request-timeout", "7200", "--max-queue", "1024", *COMMON]
+                "--request-timeout", "7200", "--max-queue", "1024", "--kv-cache-gib", str(kv_gib), *COMMON]
 
     mods = [f"{a}={fixture / 'adapters' / a}" for a in ADAPTERS]
     vllm = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(fixture / "smollm2"),
@@ -75,7 +75,7 @@ def servers(fixture: Path, work: Path, only: set[str]) -> dict[str, tuple[list[s
             *mods, *COMMON]
     table = {"loraplex-on": (ours(18100, True), env, "http://127.0.0.1:18100"),
              "loraplex-off": (ours(18101, False), env, "http://127.0.0.1:18101"),
-             "vllm-cpu": (vllm, dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2"), "http://127.0.0.1:18002")}
+             "vllm-cpu": (vllm, dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_gib)), "http://127.0.0.1:18002")}
     return {k: v for k, v in table.items() if not only or k in only}
 
 
@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--turn-tokens", type=int, default=450)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-gib", type=int, default=2, help="KV cache of every server, GiB (vLLM's variable takes whole GiB)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -182,7 +183,7 @@ def main() -> None:
     out_file = OUT / f"prefix-server-{args.load}.json"
     report = json.loads(out_file.read_text()) if out_file.exists() else {}
     report.setdefault("runs", {})
-    for name, (cmd, env, url) in servers(fixture, work, set(filter(None, args.only.split(",")))).items():
+    for name, (cmd, env, url) in servers(fixture, work, set(filter(None, args.only.split(","))), args.kv_gib).items():
         import subprocess
 
         log = open(work / f"{name}.log", "w")
@@ -195,7 +196,7 @@ def main() -> None:
             stop(proc)
         result["config"] = {k: v for k, v in vars(args).items() if k != "fixture"}
         result["date"] = time.strftime("%Y-%m-%d %H:%M")
-        report["runs"][name] = result
+        report["runs"][name if args.kv_gib == 2 else f"{name}-kv{args.kv_gib}gib"] = result
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items() if k not in ("texts", "config")}
         print(name, json.dumps(shown), flush=True)
         out_file.write_text(json.dumps(report, indent=1))

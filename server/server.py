@@ -61,29 +61,42 @@ def build_server(settings: ServerSettings) -> Server:
     registry = AdapterRegistry(reg_settings.registry, cache=AdapterCache(reg_settings.cache))
     keys = KeyStore.load(settings.api_keys_file, settings.api_key, settings.metrics_key)
     check_exposure(settings.host, keys.is_open, settings.allow_open)
+    fmt = _base_format(settings)
     build = _native_backend if settings.engine == "native" else _vllm_backend
-    backend = build(settings, reg_settings, registry)
+    backend = build(settings, fmt, reg_settings, registry)
     info = backend.info["base_info"]
     resolver = Resolver(registry, info.id, info, RouteStore(registry), ttl=settings.registry_ttl)
     limits = RequestLimits(max_body_bytes=settings.max_body_bytes, max_tokens=settings.max_tokens,
                            max_queue=settings.max_queue, request_timeout=settings.request_timeout)
     app = create_app(backend, resolver, keys=keys, metrics=Metrics(), limits=limits, metrics_open=settings.metrics_open,
-                     registry_probe=RegistryProbe(registry).start())
+                     registry_probe=RegistryProbe(registry).start(), base_format=fmt.as_dict())
     resident = backend.info["resident_bytes"]
     attention = f", decode attention: {backend.info['attention']}" if backend.info.get("attention") else ""
     log.info("loraplex: base %s (%s engine, %s, %s%s%s) loaded in %.1f s; registry %s; %s", info.id, settings.engine,
-             settings.quantization, settings.device, f", {resident / 1e6:.0f} MB resident" if resident else "",
+             fmt.describe(), settings.device, f", {resident / 1e6:.0f} MB resident" if resident else "",
              attention, backend.info["load_seconds"], registry.uri, keys.describe())
     return Server(settings, app, backend)
 
 
-def _native_backend(settings: ServerSettings, reg_settings, registry: AdapterRegistry):
+def _base_format(settings: ServerSettings):
+    """The base's format for this machine; what its float32 weights would take decides whether dense fits."""
+    from .model.loader import ModelSpec, locate_model, parameter_count
+
+    dense_bytes = None
+    if settings.device == "cpu" and settings.engine == "native" and settings.weights is None:
+        located = locate_model(ModelSpec(model=settings.model, quantize="none", dtype="float32"))
+        dense_bytes = 4 * parameter_count(located.path)
+    return settings.base_format(dense_bytes)
+
+
+def _native_backend(settings: ServerSettings, fmt, reg_settings, registry: AdapterRegistry):
     """loraplex's engine, in a child process."""
     from .engine.engine import EngineConfig
     from .engine.process import EngineLaunch, EngineProcess
     from .model.loader import ModelSpec
 
-    spec = ModelSpec(model=settings.model, quantize=settings.quantization, dtype=settings.dtype, device=settings.device)
+    spec = ModelSpec(model=settings.model, quantize=fmt.quantize, weights=fmt.weights, dtype=fmt.dtype,
+                     device=settings.device)
     cfg = EngineConfig(max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
                        max_cpu_loras=settings.max_cpu_loras, max_running=settings.max_running,
                        max_model_len=settings.max_model_len, max_batched_tokens=settings.max_batched_tokens,
@@ -92,7 +105,7 @@ def _native_backend(settings: ServerSettings, reg_settings, registry: AdapterReg
     return EngineProcess(EngineLaunch(spec, cfg, reg_settings.registry, str(reg_settings.cache)))
 
 
-def _vllm_backend(settings: ServerSettings, reg_settings, registry: AdapterRegistry):
+def _vllm_backend(settings: ServerSettings, fmt, reg_settings, registry: AdapterRegistry):
     """vLLM's AsyncLLM (its engine core in processes of its own); needs the `vllm` extra."""
     import importlib.util
 
@@ -103,9 +116,11 @@ def _vllm_backend(settings: ServerSettings, reg_settings, registry: AdapterRegis
     from .model.loader import ModelSpec, locate_model
     from .vllm import VllmBackend, VllmLaunch
 
-    located = locate_model(ModelSpec(model=settings.model, quantize="none", dtype=settings.dtype))
+    if settings.weights == "dense" and fmt.quantize != "none":
+        raise ConfigError("--weights dense is the native engine's: vLLM runs a quantized base with bitsandbytes")
+    located = locate_model(ModelSpec(model=settings.model, quantize="none", dtype=fmt.dtype))
     launch = VllmLaunch(
-        model=located.path, dtype=settings.dtype, quantize=settings.quantization, device=settings.device,
+        model=located.path, dtype=fmt.dtype, quantize=fmt.quantize, device=settings.device,
         max_loras=settings.max_loras, max_cpu_loras=settings.max_cpu_loras, max_lora_rank=settings.max_lora_rank,
         max_running=settings.max_running, max_model_len=settings.max_model_len,
         max_batched_tokens=settings.max_batched_tokens, tensor_parallel_size=settings.tensor_parallel_size,

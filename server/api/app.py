@@ -35,7 +35,7 @@ PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/do
 
 def create_app(backend: EngineBackend, resolver: Resolver, *, keys: KeyStore, metrics: Metrics,
                limits: RequestLimits = RequestLimits(), metrics_open: bool = False,
-               registry_probe: RegistryProbe | None = None) -> FastAPI:
+               registry_probe: RegistryProbe | None = None, base_format: dict | None = None) -> FastAPI:
     """The API over ``backend``: requests resolved by ``resolver``, guarded by ``keys`` and ``limits``,
     observed by ``metrics`` (``GET /metrics`` without a key when ``metrics_open``); ``/ready`` also waits on
     ``registry_probe`` when one is given."""
@@ -44,7 +44,8 @@ def create_app(backend: EngineBackend, resolver: Resolver, *, keys: KeyStore, me
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(KeyGate, keys=keys)  # added last: runs first
     app.state.api = ApiState(backend, resolver, keys, metrics, limits,
-                             Admission(backend, limits.max_queue, metrics), metrics_open, registry_probe)
+                             Admission(backend, limits.max_queue, metrics), metrics_open, registry_probe,
+                             base_format)
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -27,6 +27,9 @@ async def models(request: Request, st: ApiState = Depends(api_state)):
     created = int(time.time())
     ids = await run_in_threadpool(resolver.listing)
     visible = who.visible(ids)
-    data = [_model(resolver.base_id, created, None)]
+    base = _model(resolver.base_id, created, None)
+    if st.base_format:
+        base["metadata"] = st.base_format  # quantize, weights, dtype, and what chose them (set, or the hardware)
+    data = [base]
     data += [_model(i, created, resolver.base_id) for i in visible]
     return {"object": "list", "data": data}

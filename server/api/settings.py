@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ..hardware import BaseFormat, choose
+
 # Settings without a ``serve`` flag of their own: the registry comes from the ``--registry`` flag every
 # loraplex command takes, and a key given on the command line would show in ``ps`` and the shell's history.
 NOT_FLAGS = frozenset({"registry", "api_key", "metrics_key"})
@@ -30,8 +32,13 @@ class ServerSettings(BaseSettings):
     model: str = Field(default="smollm2-135m-instruct",
                        description="base model: the embedded smollm2-135m-instruct or a local Hugging Face folder")
     quantize: Literal["nf4", "int8", "none"] | None = Field(
-        default=None, description="base quantization (unset: nf4 on the native engine, none on vllm)")
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(default="bfloat16", description="the base model's dtype")
+        default=None, description="the base's values (unset: nf4 on the native engine, none on vllm)")
+    weights: Literal["packed", "dense"] | None = Field(
+        default=None, description="native engine, a quantized base: packed (bitsandbytes' kernels) or dense (its "
+                                  "values dequantized once; plain matmuls) (unset: dense on CPUs without AVX-512)")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        default=None, description="dense weights, activations and KV cache (unset: float32 on CPUs without "
+                                  "AVX-512, else bfloat16)")
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="where the model runs")
     registry: str | None = Field(default=None, description="registry URI, file:///path or s3://bucket/prefix (unset: "
                                                            "the config file's, else LORAPLEX_HOME/registry)")
@@ -71,9 +78,6 @@ class ServerSettings(BaseSettings):
                                         "max_running full-length sequences need; vllm engine, 4 on CPU and vLLM's "
                                         "own share on GPUs)")
 
-    @property
-    def quantization(self) -> str:
-        """``quantize``, or the engine's default when unset."""
-        if self.quantize is not None:
-            return self.quantize
-        return "nf4" if self.engine == "native" else "none"
+    def base_format(self, dense_bytes: int | None = None) -> BaseFormat:
+        """The base's values, weight layout and dtype: as set, the rest chosen for this machine (see hardware.py)."""
+        return choose(self.engine, self.device, self.quantize, self.weights, self.dtype, dense_bytes)

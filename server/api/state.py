@@ -48,6 +48,7 @@ class ApiState:
     admission: Admission  # the bounded queue in front of the engine
     metrics_open: bool = False  # GET /metrics without a key (else it needs the ``metrics`` scope)
     registry_probe: RegistryProbe | None = None  # /ready waits for the registry (or a local cache) when set
+    base_format: dict | None = None  # how the base is held (hardware.BaseFormat.as_dict), shown by /v1/models
     text_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(TEXT_WORKERS, thread_name_prefix="loraplex-text"))
 

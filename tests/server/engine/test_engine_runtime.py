@@ -107,6 +107,41 @@ def test_nf4_base_serves_adapters():
     assert seq.output_ids == ids[3:]
 
 
+def test_a_dense_nf4_base_serves_what_peft_computes_on_the_packed_one(folders, tmp_path):
+    """The CPU default without AVX-512: the NF4 values held densely in float32. A QLoRA adapter was trained
+    against exactly those values, so the engine on the dense base gives PEFT's logits on the packed NF4 base."""
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    from loraplex.server.model.loader import dequantize_linears
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+
+    def load():
+        return LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=nf4, device_map="cpu").eval()
+
+    dense = load()
+    assert dequantize_linears(dense, torch.float32) == 2 * 7  # every projection of both layers
+    engine = engine_on(dense, lambda n: LoraWeights.load(folders[n], n))
+    prompts, names = [[1, 2, 3, 4, 5], [9, 8, 7], [3, 1, 4, 1, 5, 9]], [None, "all8", "mlp16rs"]
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0),
+                           adapters=names)
+    for seq, prompt, name in zip(seqs, prompts, names):
+        ref = load()
+        if name is not None:
+            ref = PeftModel.from_pretrained(ref, str(folders[name])).eval()
+        ids = list(prompt)
+        with torch.no_grad():
+            for k in range(6):
+                logits = ref(torch.tensor([ids])).logits[0, -1]
+                ids.append(int(logits.argmax()))
+                want = torch.log_softmax(logits.float(), -1)[ids[-1]]
+                assert abs(seq.logprobs[k] - float(want)) < 1e-4, (name, k)
+        assert seq.output_ids == ids[len(prompt):], name
+
+
 def test_async_engine_streams_and_aborts_on_cancel(folders):
     engine = engine_on(tiny_llama(), lambda n: LoraWeights.load(folders[n], n))
     aeng = AsyncEngine(engine)

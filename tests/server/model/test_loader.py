@@ -12,7 +12,7 @@ from loraplex.adapters.basemodel import SMOLLM2_135M, BaseModelInfo
 from loraplex.adapters.errors import ConfigError
 from loraplex.server.model import loader
 from loraplex.server.model.loader import (
-    LoadedModel, ModelSpec, base_info_from_gguf, embedded_gguf_path, load_model,
+    LoadedModel, ModelSpec, base_info_from_gguf, embedded_gguf_path, load_model, parameter_count,
 )
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -75,6 +75,28 @@ def test_tiny_nf4_quantizes_projections_only(tiny):
     assert logits.shape == (1, IDS.shape[1], 128) and torch.isfinite(logits).all()
     bf16 = load_model(ModelSpec(model=str(folder), quantize="none"))
     assert loaded.resident_bytes() < bf16.resident_bytes()
+
+
+def test_tiny_nf4_dense_holds_the_nf4_values(tiny):
+    """weights='dense': plain float32 linears holding exactly what bitsandbytes dequantizes at each forward."""
+    import bitsandbytes.functional as bnbf
+
+    folder, _ = tiny
+    packed = load_model(ModelSpec(model=str(folder), quantize="nf4", dtype="float32"))
+    dense = load_model(ModelSpec(model=str(folder), quantize="nf4", weights="dense", dtype="float32"))
+    for p_layer, d_layer in zip(packed.model.model.layers, dense.model.model.layers):
+        for name in PROJECTIONS:
+            p_mod = getattr(p_layer.self_attn, name, None) or getattr(p_layer.mlp, name)
+            d_mod = getattr(d_layer.self_attn, name, None) or getattr(d_layer.mlp, name)
+            assert type(d_mod) is torch.nn.Linear and d_mod.weight.dtype == torch.float32, name
+            assert torch.equal(d_mod.weight, bnbf.dequantize_4bit(p_mod.weight.data, p_mod.weight.quant_state))
+    torch.testing.assert_close(_logits(dense), _logits(packed), rtol=1e-5, atol=1e-5)
+    assert dense.resident_bytes() > packed.resident_bytes()
+    with pytest.raises(ConfigError, match="int8"):
+        ModelSpec(model=str(folder), quantize="int8", weights="dense")
+    with pytest.raises(ConfigError, match="unknown weights"):
+        ModelSpec(model=str(folder), weights="sparse")
+    assert parameter_count(folder) == sum(p.numel() for p in tiny[1].parameters())
 
 
 def test_tiny_int8_on_cpu(tiny):
