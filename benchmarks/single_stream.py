@@ -39,7 +39,8 @@ def run_one(fixture: Path, fmt: str, runs: int) -> dict:
     adapter = sorted(p for p in (fixture / "adapters").iterdir() if (p / "adapter_config.json").exists())[0]
     engine = Engine(loaded.model, loaded.config, loaded.tokenizer, dtype=getattr(torch, dtype), owns_model=True,
                     engine_config=EngineConfig(max_loras=1, max_lora_rank=16, max_running=1, max_model_len=2048,
-                                               max_batched_tokens=1024, prefill_chunk=1024),
+                                               max_batched_tokens=1024, prefill_chunk=1024,
+                                               prefix_caching=False),  # every prompt computed, each run
                     loader=lambda n: LoraWeights.load(adapter, n))
     load_s = time.perf_counter() - t
     gen = torch.Generator().manual_seed(0)
