@@ -309,18 +309,11 @@ def dequantize_linears(model, dtype: torch.dtype) -> int:
 
 
 def parameter_count(folder: Path) -> int:
-    """Parameters in a folder's safetensors files, read from their headers (no tensor is loaded)."""
-    total = 0
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            if size > 100 << 20:
-                raise ConfigError(f"{f.name}: a safetensors header of {size} bytes")
-            header = json.loads(fh.read(size))
-        for key, t in header.items():
-            if key != "__metadata__":
-                n = 1
-                for d in t.get("shape", []):
-                    n *= int(d)
-                total += n
-    return total
+    """Parameters in a folder's safetensors files, read from their checked headers (no tensor is loaded)."""
+    from loraplex.adapters.errors import InvalidAdapterError
+    from loraplex.adapters.tensorfile import read_header
+
+    try:
+        return sum(t.numel for f in sorted(Path(folder).glob("*.safetensors")) for t in read_header(f).tensors.values())
+    except InvalidAdapterError as exc:
+        raise ConfigError(f"base model {folder}: {exc}") from None

@@ -99,6 +99,16 @@ def test_tiny_nf4_dense_holds_the_nf4_values(tiny):
     assert parameter_count(folder) == sum(p.numel() for p in tiny[1].parameters())
 
 
+def test_a_damaged_base_safetensors_is_a_config_error_when_sizing_it(tmp_path):
+    for name, raw in {"short": b"\x01", "huge": (1 << 62).to_bytes(8, "little") + b"{}",
+                      "not-json": (4).to_bytes(8, "little") + b"{{{{",
+                      "bad-shape": (60).to_bytes(8, "little") + b'{"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}'}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(raw)
+        with pytest.raises(ConfigError, match="base model"):
+            parameter_count(tmp_path / name)
+
+
 def test_tiny_int8_on_cpu(tiny):
     import bitsandbytes as bnb
 
