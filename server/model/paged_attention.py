@@ -154,6 +154,7 @@ def _load():
             # ATen's headers only, an op registered with the dispatcher rather than a pybind module:
             # torch/extension.h would triple the build (62 -> 20 s on 2 cores)
             name = f"loraplex_paged_attention_{_cpu_tag()}"
+            clear_stale_lock(name)
             load_inline(name=name, cpp_sources=[_SOURCE.replace("TORCH_LIBRARY(LIBRARY", f"TORCH_LIBRARY({name}")],
                         extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                         is_python_module=False, no_implicit_headers=True, verbose=False)
@@ -162,6 +163,27 @@ def _load():
             _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
             log.warning("paged decode attention kernel unavailable (%s): decodes gather their blocks", _failed)
         return _module
+
+
+STALE_LOCK_SECONDS = 600  # a build takes ~20 s on 2 cores: a lock this old was left by a killed process
+
+
+def clear_stale_lock(name: str) -> bool:
+    """Remove the build lock a process killed mid-build left behind (torch's loader waits on it forever);
+    whether one was removed."""
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > STALE_LOCK_SECONDS:
+            os.remove(lock)
+            log.warning("removed a stale build lock left by a killed build: %s", lock)
+            return True
+    except OSError:  # no lock (the usual case), or another process removed it first
+        pass
+    return False
 
 
 def available(device: torch.device | str) -> bool:
