@@ -1,7 +1,7 @@
 """The machine the server runs on, and the base model's format that is fast there.
 
 Read from ``/proc`` at start (no torch here: the API reads it too). On CPUs the right format depends on what
-the vector units do natively (measured 2026-12-01 on a 2-core AMD EPYC with AVX2 only, SmolLM2-135M, see
+the vector units do natively (measured 2026-12-01/02 on a 2-core AMD EPYC with AVX2 only, SmolLM2-135M, see
 issue 16 and the README): bitsandbytes' CPU NF4 matmuls are fast only with AVX-512 (one stream at 207 ms a
 token against 68 ms dense in float32), and bfloat16 has no native arithmetic below AVX-512 (32 x 64 tokens
 3x slower than float32). So:
@@ -10,11 +10,14 @@ token against 68 ms dense in float32), and bfloat16 has no native arithmetic bel
 |---|---|---|---|
 | CUDA | nf4 | packed (bitsandbytes 4-bit) | bfloat16 |
 | CPU with AVX-512 (AVX512-BF16 / AMX on Sapphire Rapids and later) | nf4 | packed | bfloat16 |
-| CPU with AVX2 only (or less) | nf4 | dense: the NF4 values dequantized once | float32 |
+| CPU with AVX2 and FMA, no AVX-512 | nf4 | packed: loraplex's NF4 kernel (server/model/nf4.py) | float32 |
+| CPU without AVX2 | nf4 | dense: the NF4 values dequantized once | float32 |
 
-``dense`` keeps the numbers a QLoRA adapter was trained against (the NF4-dequantized weights, which is
-what bitsandbytes computes with at every forward) and runs plain matmuls on them; it costs the float32 bytes
-of the base, so it is chosen only when they fit in half of the memory available at start. The vLLM engine
+Both float32 layouts keep the numbers a QLoRA adapter was trained against (the NF4-dequantized weights, which
+is what bitsandbytes computes with at every forward): the kernel decodes them from the 4-bit codes as it
+multiplies (half a byte a weight read per token: a decode step 50 against 78 ms dense); ``dense`` runs plain
+matmuls on them at the float32 bytes of the base, so it is chosen only when they fit in half of the memory
+available at start. The vLLM engine
 serves the unquantized base (``quantize none``) in the same dtype. ``--quantize``, ``--weights`` and
 ``--dtype`` override each choice; the start-up log and ``/v1/models`` say what was chosen and why.
 """
@@ -61,6 +64,11 @@ class Hardware:
         return "avx2" if "avx2" in self.flags else "baseline"
 
     @property
+    def nf4_kernel(self) -> bool:
+        """Whether loraplex's own NF4 kernel (server/model/nf4.py: AVX2 + FMA) can run here."""
+        return {"avx2", "fma"} <= self.flags
+
+    @property
     def fast_low_precision(self) -> bool:
         """Whether bitsandbytes' CPU 4-bit kernels and bfloat16 matmuls run natively (AVX-512 and up)."""
         return self.kind in ("amx", "avx512-bf16", "avx512")
@@ -89,22 +97,28 @@ def choose(engine: str, device: str, quantize: str | None = None, weights: str |
 
     ``dense_bytes``: what the base takes held densely in float32 (None: unknown, assumed to fit). vLLM runs a
     quantized base with its own bitsandbytes layer: always packed there."""
+    kernel = False  # loraplex's NF4 kernel runs here (float32 on a CPU with AVX2 and FMA)
     if device == "cuda":
         why, fast, fits = "cuda", True, True
     else:
         hw = hardware or Hardware.detect()
-        why, fast = f"cpu {hw.kind}", hw.fast_low_precision
+        why, fast, kernel = f"cpu {hw.kind}", hw.fast_low_precision, hw.nf4_kernel
         fits = dense_bytes is None or hw.memory_available is None or dense_bytes <= hw.memory_available // 2
-        if not fast and not fits:
-            why += ", the float32 base too large for half the memory"
     q = quantize or ("nf4" if engine == "native" else "none")
+    d = dtype or ("bfloat16" if fast else "float32")
     if q == "none":
         w = "dense"
     elif engine != "native" or q != "nf4":
         w = weights or "packed"  # (vLLM's bitsandbytes layer; LLM.int8 quantizes activations too: packed only)
+    elif weights:
+        w = weights
+    elif fast or (kernel and d == "float32"):
+        w = "packed"  # bitsandbytes' kernels with AVX-512 or on CUDA; loraplex's NF4 kernel in float32 on AVX2
+    elif fits:
+        w = "dense"
     else:
-        w = weights or ("packed" if fast or not fits else "dense")
-    d = dtype or ("bfloat16" if fast else "float32")
+        w = "packed"
+        why += ", the float32 base too large for half the memory"
     chosen = quantize is None or dtype is None or (weights is None and q == "nf4" and engine == "native")
     return BaseFormat(q, w, d, why if chosen else "set")
 

@@ -72,6 +72,7 @@ def build_server(settings: ServerSettings) -> Server:
                      registry_probe=RegistryProbe(registry).start(), base_format=fmt.as_dict())
     resident = backend.info["resident_bytes"]
     attention = f", decode attention: {backend.info['attention']}" if backend.info.get("attention") else ""
+    attention += f", linears: {backend.info['linears']}" if backend.info.get("linears") else ""
     log.info("loraplex: base %s (%s engine, %s, %s%s%s) loaded in %.1f s; registry %s; %s", info.id, settings.engine,
              fmt.describe(), settings.device, f", {resident / 1e6:.0f} MB resident" if resident else "",
              attention, backend.info["load_seconds"], registry.uri, keys.describe())

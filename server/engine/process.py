@@ -79,8 +79,10 @@ def _engine_main(conn, launch: EngineLaunch, pins: tuple[str, ...] = ()) -> None
     tok_dir = str(getattr(loaded, "path", "")) if loaded.tokenizer is not None else None
     conn.send(("ready", {"base_model": loaded.info.id, "max_model_len": engine.config.max_model_len,
                          "tokenizer": tok_dir, "load_seconds": loaded.load_seconds,
-                         "base_info": loaded.info, "resident_bytes": loaded.resident_bytes(),
-                         "attention": "paged kernel" if engine.decoder.paged else "gather + SDPA"}))
+                         "base_info": loaded.info,
+                         "resident_bytes": loaded.resident_bytes() + engine.decoder.packed_nbytes,
+                         "attention": "paged kernel" if engine.decoder.paged else "gather + SDPA",
+                         "linears": engine.decoder.linears}))
     pinned: set[str] = set()
     for name in pins:  # what the API pinned in an earlier child (a restart keeps pins)
         try:

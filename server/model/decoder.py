@@ -10,17 +10,21 @@ their gathered blocks), each prefill chunk in one SDPA call. Logits are computed
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from . import paged_attention
+from . import nf4, paged_attention
 from .kv_cache import KVCache
 from ..lora.bank import GroupKey, LoraBank, LoraBatch
 from ..lora.weights import PROJECTIONS, ModuleKey
 from .linear import PackedLinear
+from .nf4 import Nf4Linear
 from .projection import Projection
+
+log = logging.getLogger("loraplex.engine")
 
 SUPPORTED = frozenset({"llama", "mistral", "qwen2"})
 
@@ -66,12 +70,15 @@ class Decoder:
         self.scaling = self.head_dim ** -0.5
         self.paged = paged_attention.available(device)  # decodes read the pool in place (else gather + SDPA)
         self.projections = [
-            {"qkv": Projection([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]),
-             "o": Projection([l.self_attn.o_proj]),
-             "gate_up": Projection([l.mlp.gate_proj, l.mlp.up_proj]),
-             "down": Projection([l.mlp.down_proj])}
+            {"qkv": Projection([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], dtype),
+             "o": Projection([l.self_attn.o_proj], dtype),
+             "gate_up": Projection([l.mlp.gate_proj, l.mlp.up_proj], dtype),
+             "down": Projection([l.mlp.down_proj], dtype)}
             for l in self.layers
         ]
+        if self.linears == "bitsandbytes" and dtype == torch.float32 and nf4.why_not():
+            log.warning("NF4 kernel unavailable (%s): bitsandbytes' CPU path runs the 4-bit linears (slow without "
+                        "AVX-512; --weights dense holds their values in float32 instead)", nf4.why_not())
         rope = inner.rotary_emb
         self._inv_freq = rope.inv_freq.float().to(device)  # [head_dim / 2]
         self._rope_scale = float(getattr(rope, "attention_scaling", 1.0))
@@ -81,9 +88,19 @@ class Decoder:
 
     @property
     def packed_nbytes(self) -> int:
-        """Bytes of the oneDNN-packed weight copies (0 where nothing packs)."""
+        """Bytes of the weight copies the decoder holds beside the model's: oneDNN-packed weights, NF4 codes."""
         heads = self.lm_head.nbytes if isinstance(self.lm_head, PackedLinear) else 0
         return heads + sum(p.dense.nbytes for layer in self.projections for p in layer.values() if p.dense is not None)
+
+    @property
+    def linears(self) -> str:
+        """What runs the projections: "nf4 kernel", "oneDNN packed", "dense" or "bitsandbytes" (the first's)."""
+        p = self.projections[0]["qkv"].dense if self.projections else None
+        if isinstance(p, Nf4Linear):
+            return "nf4 kernel"
+        if isinstance(p, PackedLinear):
+            return "oneDNN packed" if p.packed is not None else "dense"
+        return "bitsandbytes" if p is None and self.projections else "dense"
 
     def release_dense(self) -> None:
         """Free the dense projection weights whose packed copies replace them (the LM head stays: its

@@ -7,22 +7,15 @@ is what the step costs on a 2-core CPU. This kernel walks each sequence's block 
 key and value once, in place (as vLLM's CPU paged-attention kernel does): one task per (sequence, KV head), the
 heads sharing that KV head done together, an online softmax in fp32 over the blocks.
 
-It is C++ built on first use with torch's extension loader (the machine's compiler, ``-O3 -march=native``,
-cached in ``TORCH_EXTENSIONS_DIR`` under a name that includes the CPU's feature flags, so a build is never run
-on a CPU it was not built for). Without a compiler, or on CUDA, the decoder gathers and calls SDPA as before;
+It is C++ built on first use (``CppLibrary``: the machine's compiler, cached per CPU). Without a compiler, or on CUDA, the decoder gathers and calls SDPA as before;
 ``available()`` says which, and the start-up log names it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import threading
-
 import torch
 
-log = logging.getLogger("loraplex.engine")
+from .cpp_library import CppLibrary
 
 _SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -123,76 +116,16 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, at::
 TORCH_LIBRARY(LIBRARY, m) { m.def("paged_decode", &paged_decode); }
 """
 
-_lock = threading.Lock()
-_module = None
-_failed: str | None = None
-
-
-def _cpu_tag() -> str:
-    """The CPU's feature flags (a build with -march=native runs only where they are all present)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.blake2b(flags.encode(), digest_size=6).hexdigest()
-
-
-def _load():
-    global _module, _failed
-    if _module is not None:  # the hot path: every decode layer asks
-        return _module
-    with _lock:
-        if _module is not None or _failed is not None:
-            return _module
-        if os.environ.get("LORAPLEX_PAGED_ATTENTION", "1") == "0":
-            _failed = "turned off (LORAPLEX_PAGED_ATTENTION=0)"
-            return None
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            # ATen's headers only, an op registered with the dispatcher rather than a pybind module:
-            # torch/extension.h would triple the build (62 -> 20 s on 2 cores)
-            name = f"loraplex_paged_attention_{_cpu_tag()}"
-            clear_stale_lock(name)
-            load_inline(name=name, cpp_sources=[_SOURCE.replace("TORCH_LIBRARY(LIBRARY", f"TORCH_LIBRARY({name}")],
-                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                        is_python_module=False, no_implicit_headers=True, verbose=False)
-            _module = getattr(torch.ops, name)
-        except Exception as exc:  # no compiler, no ninja, a build error: the gather path serves
-            _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-            log.warning("paged decode attention kernel unavailable (%s): decodes gather their blocks", _failed)
-        return _module
-
-
-STALE_LOCK_SECONDS = 600  # a build takes ~20 s on 2 cores: a lock this old was left by a killed process
-
-
-def clear_stale_lock(name: str) -> bool:
-    """Remove the build lock a process killed mid-build left behind (torch's loader waits on it forever);
-    whether one was removed."""
-    import time
-
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
-    try:
-        if time.time() - os.path.getmtime(lock) > STALE_LOCK_SECONDS:
-            os.remove(lock)
-            log.warning("removed a stale build lock left by a killed build: %s", lock)
-            return True
-    except OSError:  # no lock (the usual case), or another process removed it first
-        pass
-    return False
+_library = CppLibrary("loraplex_paged_attention", _SOURCE, "LORAPLEX_PAGED_ATTENTION")
 
 
 def available(device: torch.device | str) -> bool:
     """Whether decodes on ``device`` read the pool in place (builds the kernel on first call, on CPU)."""
-    return torch.device(device).type == "cpu" and _load() is not None
+    return torch.device(device).type == "cpu" and _library.ops() is not None
 
 
 def why_not() -> str | None:
-    return _failed
+    return _library.why_not()
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
@@ -202,4 +135,4 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     q [D, kv, group, hd] (the heads sharing a KV head together); k_pool, v_pool [kv, blocks, block_size, hd] (one
     layer); tables [D, nb] int64 block tables; lens [D] int64 context lengths (positions 0..len-1 attended).
     Returns [D, kv, group, hd]."""
-    return _load().paged_decode(q.contiguous(), k_pool, v_pool, tables, lens, float(scale))
+    return _library.ops().paged_decode(q.contiguous(), k_pool, v_pool, tables, lens, float(scale))

@@ -3,7 +3,8 @@
 Plain ``nn.Linear`` members are fused into one weight ``[sum(out), in]``; the members' own weights
 become views of it, so nothing is stored twice and the transformers model stays usable (until
 ``release_dense``, for an engine that owns its model and runs the oneDNN-packed copy instead).
-Quantized members (bitsandbytes) are run one by one.
+NF4 members (bitsandbytes 4-bit) computed in float32 on a CPU with AVX2 run as one call of our NF4 kernel
+(``Nf4Linear``: their codes concatenated); other quantized members are run one by one.
 """
 
 from __future__ import annotations
@@ -12,30 +13,32 @@ import torch
 from torch import nn
 
 from .linear import PackedLinear
+from .nf4 import Nf4Linear
 
 
 class Projection:
-    def __init__(self, modules: list[nn.Module]) -> None:
+    def __init__(self, modules: list[nn.Module], dtype: torch.dtype = torch.float32) -> None:
         self.modules = modules
         self.sizes = [m.out_features for m in modules]
         self.in_features = modules[0].in_features
         self.fused: nn.Linear | None = None
-        self.dense: PackedLinear | None = None  # the plain linear (fused or single), packed for the CPU
-        if len(modules) > 1 and all(type(m) is nn.Linear for m in modules):
+        # every member in one call: the NF4 kernel (float32 on CPU), or the plain linear (fused or single) packed
+        # for the CPU; None: members one by one
+        self.dense: PackedLinear | Nf4Linear | None = Nf4Linear.build(modules) if dtype == torch.float32 else None
+        if self.dense is None and len(modules) > 1 and all(type(m) is nn.Linear for m in modules):
             self._fuse()
-        self.one_output = self.fused is not None  # __call__ gives one [T, sum(out)] tensor for several members
         if self.fused is not None or (len(modules) == 1 and type(modules[0]) is nn.Linear):
             lin = self.fused or modules[0]
             self.dense = PackedLinear(lin.weight, lin.bias)
+        self.one_output = self.dense is not None and len(modules) > 1  # one [T, sum(out)] tensor for all members
 
     def release_dense(self) -> None:
-        """Free the dense weights the packed copy replaces: the members' weights become empty, so the
+        """Free the members' weights the packed copy (or the NF4 kernel's codes) replaces: they become empty, so the
         transformers modules fail loudly if called (shape mismatch) instead of computing with stale data."""
         if self.dense is None or not self.dense.release_dense():
             return
         for m in self.modules:
-            m.weight = nn.Parameter(torch.empty(0, dtype=self.dense.dtype, device=self.dense.packed.device),
-                                    requires_grad=False)
+            m.weight = nn.Parameter(torch.empty(0, dtype=m.weight.dtype, device=m.weight.device), requires_grad=False)
         self.fused = None
 
     def _fuse(self) -> None:

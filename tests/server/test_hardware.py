@@ -8,7 +8,8 @@ import pytest
 from loraplex.server.api.settings import ServerSettings
 from loraplex.server.hardware import Hardware, choose
 
-AVX2 = "fpu sse sse2 avx avx2 fma"
+NO_AVX2 = "fpu sse sse2 avx"
+AVX2 = NO_AVX2 + " avx2 fma"
 AVX512 = AVX2 + " avx512f avx512bw avx512vl avx512dq"
 SPR = AVX512 + " avx512_bf16 amx_bf16 amx_tile"
 
@@ -38,8 +39,11 @@ def test_defaults_per_machine(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "s").mkdir()
     avx2, spr = Hardware.detect(fake_proc(tmp_path / "a", AVX2)), Hardware.detect(fake_proc(tmp_path / "s", SPR))
-    f = choose("native", "cpu", hardware=avx2)
-    assert (f.quantize, f.weights, f.dtype, f.why) == ("nf4", "dense", "float32", "cpu avx2")
+    f = choose("native", "cpu", hardware=avx2)  # loraplex's NF4 kernel
+    assert (f.quantize, f.weights, f.dtype, f.why) == ("nf4", "packed", "float32", "cpu avx2")
+    (tmp_path / "b").mkdir()
+    f = choose("native", "cpu", hardware=Hardware.detect(fake_proc(tmp_path / "b", NO_AVX2)))
+    assert (f.quantize, f.weights, f.dtype, f.why) == ("nf4", "dense", "float32", "cpu baseline")
     f = choose("native", "cpu", hardware=spr)
     assert (f.quantize, f.weights, f.dtype, f.why) == ("nf4", "packed", "bfloat16", "cpu amx")
     f = choose("native", "cuda", hardware=avx2)  # the GPU decides, whatever the CPU
@@ -63,11 +67,13 @@ def test_settings_override_each_choice(tmp_path):
     f = choose("native", "cpu", quantize="none", dtype="bfloat16", hardware=avx2)
     assert (f.quantize, f.weights, f.dtype, f.why) == ("none", "dense", "bfloat16", "set")
     assert f.describe() == "unquantized, bfloat16"
-    assert choose("native", "cpu", hardware=avx2).describe() == "nf4 dense, float32 (default for cpu avx2)"
+    assert choose("native", "cpu", hardware=avx2).describe() == "nf4 packed, float32 (default for cpu avx2)"
+    f = choose("native", "cpu", weights="dense", hardware=avx2)  # the NF4 values in float32, without the kernel
+    assert (f.weights, f.dtype, f.why) == ("dense", "float32", "cpu avx2")
 
 
 def test_dense_weights_only_where_they_fit_in_half_the_memory(tmp_path):
-    avx2 = Hardware.detect(fake_proc(tmp_path, AVX2, mem_kb=1 << 20))  # 1 GiB available
+    avx2 = Hardware.detect(fake_proc(tmp_path, NO_AVX2, mem_kb=1 << 20))  # 1 GiB available, no NF4 kernel
     f = choose("native", "cpu", dense_bytes=500 << 20, hardware=avx2)
     assert f.weights == "dense"
     f = choose("native", "cpu", dense_bytes=600 << 20, hardware=avx2)  # a 7B base would be 28 GB dense

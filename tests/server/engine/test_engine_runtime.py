@@ -16,6 +16,7 @@ from loraplex.server.engine.sampling import SamplingParams
 from loraplex.server.lora.merge import MergeSpec, merge
 from loraplex.server.lora.source import AdapterSource
 from loraplex.server.lora.weights import LoraWeights
+from loraplex.server.model.linear import PackedLinear
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
@@ -107,13 +108,20 @@ def test_nf4_base_serves_adapters():
     assert seq.output_ids == ids[3:]
 
 
-def test_a_dense_nf4_base_serves_what_peft_computes_on_the_packed_one(folders, tmp_path):
-    """The CPU default without AVX-512: the NF4 values held densely in float32. A QLoRA adapter was trained
-    against exactly those values, so the engine on the dense base gives PEFT's logits on the packed NF4 base."""
+@pytest.mark.parametrize("layout", ["dense", "kernel"])
+def test_an_nf4_base_in_float32_serves_what_peft_computes_on_the_packed_one(folders, tmp_path, layout):
+    """The CPU defaults without AVX-512: the NF4 values computed in float32, either held densely (``dense``) or
+    decoded from the 4-bit codes by our kernel (``kernel``). A QLoRA adapter was trained against exactly those
+    values, so the engine gives PEFT's logits on the packed NF4 base."""
     from peft import PeftModel
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
+    from loraplex.server.model import nf4 as nf4_kernel
     from loraplex.server.model.loader import dequantize_linears
+    from loraplex.server.model.nf4 import Nf4Linear
+
+    if layout == "kernel" and not nf4_kernel.available():
+        pytest.skip(f"no NF4 kernel here: {nf4_kernel.why_not()}")
 
     tiny_llama().save_pretrained(tmp_path / "base")
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -122,9 +130,12 @@ def test_a_dense_nf4_base_serves_what_peft_computes_on_the_packed_one(folders, t
     def load():
         return LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=nf4, device_map="cpu").eval()
 
-    dense = load()
-    assert dequantize_linears(dense, torch.float32) == 2 * 7  # every projection of both layers
-    engine = engine_on(dense, lambda n: LoraWeights.load(folders[n], n))
+    base = load()
+    if layout == "dense":
+        assert dequantize_linears(base, torch.float32) == 2 * 7  # every projection of both layers
+    engine = engine_on(base, lambda n: LoraWeights.load(folders[n], n))
+    kernels = [type(p.dense) for layer in engine.decoder.projections for p in layer.values()]
+    assert kernels == [Nf4Linear if layout == "kernel" else PackedLinear] * 8
     prompts, names = [[1, 2, 3, 4, 5], [9, 8, 7], [3, 1, 4, 1, 5, 9]], [None, "all8", "mlp16rs"]
     seqs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0),
                            adapters=names)
