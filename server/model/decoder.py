@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import nf4, paged_attention
+from . import fused, nf4, paged_attention
 from .kv_cache import KVCache
 from ..lora.bank import GroupKey, LoraBank, LoraBatch
 from ..lora.weights import PROJECTIONS, ModuleKey
+from .compact import CompactLinear
 from .linear import PackedLinear
 from .nf4 import Nf4Linear
 from .projection import Projection
@@ -61,7 +62,10 @@ class Decoder:
         self.embed = inner.embed_tokens
         self.norm = inner.norm
         head = model.lm_head
-        self.lm_head = PackedLinear(head.weight, head.bias) if type(head) is torch.nn.Linear else head
+        self.lm_head = head
+        if type(head) is torch.nn.Linear:  # float32 on CPU: its exact int8/bfloat16 form where it has one
+            compact = CompactLinear.build(head.weight, head.bias) if dtype == torch.float32 else None
+            self.lm_head = compact or PackedLinear(head.weight, head.bias)
         self.layers = list(inner.layers)
         self.dtype, self.device = dtype, device
         self.num_heads = config.num_attention_heads
@@ -76,9 +80,11 @@ class Decoder:
              "down": Projection([l.mlp.down_proj], dtype)}
             for l in self.layers
         ]
-        if self.linears == "bitsandbytes" and dtype == torch.float32 and nf4.why_not():
+        if self.linears.startswith("bitsandbytes") and dtype == torch.float32 and nf4.why_not():
             log.warning("NF4 kernel unavailable (%s): bitsandbytes' CPU path runs the 4-bit linears (slow without "
                         "AVX-512; --weights dense holds their values in float32 instead)", nf4.why_not())
+        # the layers' elementwise work as C++ ops (float32 on CPU; None: PyTorch ops)
+        self.fused = fused.ops() if self._fusable(config) else None
         rope = inner.rotary_emb
         self._inv_freq = rope.inv_freq.float().to(device)  # [head_dim / 2]
         self._rope_scale = float(getattr(rope, "attention_scaling", 1.0))
@@ -89,18 +95,21 @@ class Decoder:
     @property
     def packed_nbytes(self) -> int:
         """Bytes of the weight copies the decoder holds beside the model's: oneDNN-packed weights, NF4 codes."""
-        heads = self.lm_head.nbytes if isinstance(self.lm_head, PackedLinear) else 0
+        heads = self.lm_head.nbytes if isinstance(self.lm_head, (PackedLinear, CompactLinear)) else 0
         return heads + sum(p.dense.nbytes for layer in self.projections for p in layer.values() if p.dense is not None)
 
     @property
     def linears(self) -> str:
-        """What runs the projections: "nf4 kernel", "oneDNN packed", "dense" or "bitsandbytes" (the first's)."""
+        """What runs the projections: "nf4 kernel", "oneDNN packed", "dense" or "bitsandbytes" (the first's), and the
+        LM head's compact form if it has one."""
         p = self.projections[0]["qkv"].dense if self.projections else None
         if isinstance(p, Nf4Linear):
-            return "nf4 kernel"
-        if isinstance(p, PackedLinear):
-            return "oneDNN packed" if p.packed is not None else "dense"
-        return "bitsandbytes" if p is None and self.projections else "dense"
+            kind = "nf4 kernel"
+        elif isinstance(p, PackedLinear):
+            kind = "oneDNN packed" if p.packed is not None else "dense"
+        else:
+            kind = "bitsandbytes" if p is None and self.projections else "dense"
+        return kind + (f", LM head {self.lm_head.form}" if isinstance(self.lm_head, CompactLinear) else "")
 
     def release_dense(self) -> None:
         """Free the dense projection weights whose packed copies replace them (the LM head stays: its
@@ -130,16 +139,35 @@ class Decoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def _project(self, layer: int, group: str, x: torch.Tensor, bank: LoraBank | None, lora: LoraBatch | None) -> list[torch.Tensor]:
-        proj = self.projections[layer][group]
-        ys = proj(x)
+    def _project_raw(self, layer: int, group: str, x: torch.Tensor, bank: LoraBank | None,
+                     lora: LoraBatch | None) -> list[torch.Tensor]:
+        """The group's outputs with their LoRA deltas: one [T, sum(out)] tensor when fused, else one per member."""
+        ys = self.projections[layer][group](x)
         if lora is not None:
-            bank.add_delta(GroupKey(layer, group), bank.segments(x, lora), ys, lora)
-        return proj.split(ys)
+            bank.apply(GroupKey(layer, group), x, ys, lora)
+        return ys
+
+    def _project(self, layer: int, group: str, x: torch.Tensor, bank: LoraBank | None, lora: LoraBatch | None) -> list[torch.Tensor]:
+        return self.projections[layer][group].split(self._project_raw(layer, group, x, bank, lora))
+
+    def _fusable(self, config) -> bool:
+        """Whether the layers' elementwise work can run as fused.py's ops: float32 on CPU, fused q/k/v and
+        gate/up outputs, RMSNorms in float32, SiLU."""
+        if self.dtype != torch.float32 or torch.device(self.device).type != "cpu" or fused.ops() is None:
+            return False
+        if getattr(config, "hidden_act", None) != "silu":
+            return False
+        norms = [self.norm] + [n for l in self.layers for n in (l.input_layernorm, l.post_attention_layernorm)]
+        if not all(getattr(n, "weight", None) is not None and n.weight.dtype == torch.float32
+                   and hasattr(n, "variance_epsilon") for n in norms):
+            return False
+        return all(p["qkv"].one_output and p["gate_up"].one_output for p in self.projections)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: KVCache, bank: LoraBank | None) -> torch.Tensor:
         """Logits [N, vocab] (float32) for batch.logit_rows."""
+        if self.fused is not None:
+            return self._forward_fused(batch, cache, bank)
         t = batch.input_ids.numel()
         h = self.embed(batch.input_ids).to(self.dtype)  # [T, hidden]
         cos = self._cos[batch.positions].unsqueeze(1)  # [T, 1, head_dim]
@@ -160,6 +188,33 @@ class Decoder:
             h = h + self._project(i, "down", a, bank, lora)[0]
         h = self.norm(h.index_select(0, batch.logit_rows))
         return self.lm_head(h).float()
+
+    def _forward_fused(self, batch: StepBatch, cache: KVCache, bank: LoraBank | None) -> torch.Tensor:
+        """``forward`` with each layer's norms, rotary embedding and activation as fused.py's ops."""
+        ops = self.fused
+        t = batch.input_ids.numel()
+        h = self.embed(batch.input_ids).to(self.dtype).contiguous()  # [T, hidden], the residual, updated in place
+        lora = batch.lora if bank is not None else None
+        nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        y = None  # the last projection's output, not yet added to h
+        for i, layer in enumerate(self.layers):
+            ln = layer.input_layernorm
+            x = ops.add_rms_norm(h, y, ln.weight, ln.variance_epsilon)
+            [qkv] = self._project_raw(i, "qkv", x, bank, lora)  # [T, nq + 2 nk]
+            ops.rope(qkv, batch.positions, self._cos, self._sin, self.num_heads + self.num_kv_heads, self.head_dim)
+            q = qkv[:, :nq].view(t, self.num_heads, self.head_dim)
+            k = qkv[:, nq:nq + nk].view(t, self.num_kv_heads, self.head_dim)
+            v = qkv[:, nq + nk:].view(t, self.num_kv_heads, self.head_dim)
+            cache.write(i, batch.slot_mapping, k, v)
+            o = self._attention(i, q, k, v, batch, cache)  # [T, heads * head_dim]
+            [y] = self._project_raw(i, "o", o, bank, lora)
+            ln = layer.post_attention_layernorm
+            x = ops.add_rms_norm(h, y, ln.weight, ln.variance_epsilon)
+            [gu] = self._project_raw(i, "gate_up", x, bank, lora)  # [T, 2 * intermediate]
+            [y] = self._project_raw(i, "down", ops.silu_mul(gu), bank, lora)
+        h.add_(y)
+        return self.lm_head(ops.add_rms_norm(h.index_select(0, batch.logit_rows), None, self.norm.weight,
+                                             self.norm.variance_epsilon)).float()
 
     def _attention(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, batch: StepBatch,
                    cache: KVCache) -> torch.Tensor:

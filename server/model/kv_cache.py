@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fused
+
 NULL_BLOCK = 0
 
 
@@ -51,6 +53,8 @@ class KVCache:
         # torch.empty: pages are touched when a block is first handed out (and zeroed), not here.
         self.k = torch.empty(full, dtype=dtype, device=device)  # [layers, kv_heads, blocks, block_size, head_dim]
         self.v = torch.empty(full, dtype=dtype, device=device)  # [layers, kv_heads, blocks, block_size, head_dim]
+        # float32 on CPU: writes are one C++ op (fused.py) instead of two index_puts
+        self._fused = fused.ops() if dtype == torch.float32 and torch.device(device).type == "cpu" else None
         self.zero(NULL_BLOCK)
 
     @property
@@ -76,6 +80,10 @@ class KVCache:
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values: slot_mapping [T] (block * block_size + offset); k, v [T, kv_heads, head_dim]."""
         n = self.shape.num_blocks * self.block_size
+        if self._fused is not None and k.dtype == self.k[layer].dtype:  # one op (fused.py)
+            kv, hd = self.shape.num_kv_heads, self.shape.head_dim
+            self._fused.kv_write(self.k[layer].view(kv, n, hd), self.v[layer].view(kv, n, hd), slot_mapping, k, v)
+            return
         self.k[layer].view(self.shape.num_kv_heads, n, self.shape.head_dim)[:, slot_mapping] = k.transpose(0, 1)
         self.v[layer].view(self.shape.num_kv_heads, n, self.shape.head_dim)[:, slot_mapping] = v.transpose(0, 1)
 
