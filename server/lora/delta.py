@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from ..model.cpp_library import CppLibrary
+from ..model import cpp_library
 
 SMALL_ROWS = 16  # padded rows up to which the op runs (beyond, the batched bmm path is as fast)
 
-_SOURCE = r"""
+SOURCE = r"""
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -92,21 +92,20 @@ void lora_delta(at::Tensor x, at::Tensor a, std::vector<at::Tensor> bs, std::vec
   }
 }
 
-TORCH_LIBRARY(LIBRARY, m) { m.def("lora_delta", &lora_delta); }
+TORCH_LIBRARY_FRAGMENT(LIBRARY, m) { m.def("lora_delta", &lora_delta); }
 """
 
-_library = CppLibrary("loraplex_lora_delta", _SOURCE, "LORAPLEX_LORA_KERNEL")
 
 
 def available() -> bool:
-    return _library.ops() is not None
+    return cpp_library.ops("lora_delta") is not None
 
 
 def why_not() -> str | None:
-    return _library.why_not()
+    return cpp_library.why_not("lora_delta")
 
 
 def add(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], ys: list[torch.Tensor], offsets: list[int],
         rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor | None, seg_len: int, rank: int) -> None:
     """Add the group's delta into ``ys`` in place (see the module doc for the shapes)."""
-    _library.ops().lora_delta(x, a, bs, ys, offsets, rows, slots, weights, seg_len, rank)
+    cpp_library.ops("lora_delta").lora_delta(x, a, bs, ys, offsets, rows, slots, weights, seg_len, rank)

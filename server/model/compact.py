@@ -22,13 +22,13 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .cpp_library import CppLibrary
+from . import cpp_library
 
 KERNEL_ROWS = 24
 BLOCK = 32  # int8 values per scale (GGUF Q8_0's block)
 CHUNK = 4096  # rows decoded at a time above KERNEL_ROWS
 
-_SOURCE = r"""
+SOURCE = r"""
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -134,21 +134,20 @@ at::Tensor bf16_linear(at::Tensor x, at::Tensor w) {
   return out;
 }
 
-TORCH_LIBRARY(LIBRARY, m) {
+TORCH_LIBRARY_FRAGMENT(LIBRARY, m) {
   m.def("int8_linear", &int8_linear);
   m.def("bf16_linear", &bf16_linear);
 }
 """
 
-_library = CppLibrary("loraplex_compact", _SOURCE, "LORAPLEX_COMPACT_KERNEL", needs=frozenset({"avx2", "fma"}))
 
 
 def available() -> bool:
-    return _library.ops() is not None
+    return cpp_library.ops("compact") is not None
 
 
 def why_not() -> str | None:
-    return _library.why_not()
+    return cpp_library.why_not("compact")
 
 
 def as_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -202,7 +201,7 @@ class CompactLinear:
         self.bias = None if bias is None else bias.detach().float()  # [N]
         self.out_features, self.in_features = values.shape
         self.nbytes = self.values.nbytes + (0 if self.scale is None else self.scale.nbytes)
-        self._ops = _library.ops()
+        self._ops = cpp_library.ops("compact")
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "int8":

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .cpp_library import CppLibrary
+from . import cpp_library
 
-_SOURCE = r"""
+SOURCE = r"""
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -140,7 +140,7 @@ void kv_write(at::Tensor k_pool, at::Tensor v_pool, at::Tensor slot_mapping, at:
     }
 }
 
-TORCH_LIBRARY(LIBRARY, m) {
+TORCH_LIBRARY_FRAGMENT(LIBRARY, m) {
   m.def("add_rms_norm", &add_rms_norm);
   m.def("rope", &rope);
   m.def("silu_mul", &silu_mul);
@@ -148,13 +148,12 @@ TORCH_LIBRARY(LIBRARY, m) {
 }
 """
 
-_library = CppLibrary("loraplex_fused", _SOURCE, "LORAPLEX_FUSED_OPS")
 
 
 def ops():
     """The op namespace (None where the library cannot be built)."""
-    return _library.ops()
+    return cpp_library.ops("fused")
 
 
 def why_not() -> str | None:
-    return _library.why_not()
+    return cpp_library.why_not("fused")

@@ -15,7 +15,7 @@ differs from a dense matmul.
 - more tokens (prefill chunks, full batches): the layer's weights are decoded into a reused float32 scratch
   buffer and one dense matmul runs (the decoding costs ~0.5 ms a layer, against seconds of prefill).
 
-Built with ``CppLibrary`` (needs AVX2 and FMA; elsewhere bitsandbytes' own path serves). The codes are repacked
+Built with the other kernels (cpp_library.py; needs AVX2 and FMA; elsewhere bitsandbytes' own path serves). The codes are repacked
 at load so that a group of 16 weights is 8 bytes, byte j holding weight j (low nibble) and weight j + 8 (high).
 """
 
@@ -26,12 +26,12 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .cpp_library import CppLibrary
+from . import cpp_library
 
 KERNEL_ROWS = 24  # at most this many tokens run the kernel; more: dequantize into scratch + one matmul
 BLOCK = 64  # weights per absmax (bitsandbytes' default blocksize, what the loader quantizes with)
 
-_SOURCE = r"""
+SOURCE = r"""
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -135,22 +135,21 @@ at::Tensor nf4_dequant(at::Tensor codes, at::Tensor absmax, at::Tensor lut, at::
   return out;
 }
 
-TORCH_LIBRARY(LIBRARY, m) {
+TORCH_LIBRARY_FRAGMENT(LIBRARY, m) {
   m.def("nf4_linear", &nf4_linear);
   m.def("nf4_dequant", &nf4_dequant);
 }
 """
 
-_library = CppLibrary("loraplex_nf4", _SOURCE, "LORAPLEX_NF4_KERNEL", needs=frozenset({"avx2", "fma"}))
 
 
 def available() -> bool:
     """Whether the kernel runs on this CPU (builds it on the first call)."""
-    return _library.ops() is not None
+    return cpp_library.ops("nf4") is not None
 
 
 def why_not() -> str | None:
-    return _library.why_not()
+    return cpp_library.why_not("nf4")
 
 
 def _eligible(m: torch.nn.Module) -> bool:
@@ -210,7 +209,7 @@ class Nf4Linear:
         self.bias = None if all(b is None for b in biases) else torch.cat([  # [N] f32
             (b.detach().float() if b is not None else torch.zeros(m.out_features)) for m, b in zip(modules, biases)])
         self.nbytes = self.codes.nbytes + self.absmax.nbytes + (0 if self.bias is None else self.bias.nbytes)
-        self._ops = _library.ops()
+        self._ops = cpp_library.ops("nf4")
 
     def release_dense(self) -> bool:
         """The members' bitsandbytes weights are no longer needed: the codes here replace them."""

@@ -7,7 +7,7 @@ is what the step costs on a 2-core CPU. This kernel walks each sequence's block 
 key and value once, in place (as vLLM's CPU paged-attention kernel does): one task per (sequence, KV head), the
 heads sharing that KV head done together, an online softmax in fp32 over the blocks.
 
-It is C++ built on first use (``CppLibrary``: the machine's compiler, cached per CPU). Without a compiler, or on CUDA, the decoder gathers and calls SDPA as before;
+It is C++ built on first use with the other kernels (cpp_library.py: the machine's compiler, cached per CPU). Without a compiler, or on CUDA, the decoder gathers and calls SDPA as before;
 ``available()`` says which, and the start-up log names it.
 """
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from .cpp_library import CppLibrary
+from . import cpp_library
 
-_SOURCE = r"""
+SOURCE = r"""
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -113,19 +113,18 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, at::
   return out;
 }
 
-TORCH_LIBRARY(LIBRARY, m) { m.def("paged_decode", &paged_decode); }
+TORCH_LIBRARY_FRAGMENT(LIBRARY, m) { m.def("paged_decode", &paged_decode); }
 """
 
-_library = CppLibrary("loraplex_paged_attention", _SOURCE, "LORAPLEX_PAGED_ATTENTION")
 
 
 def available(device: torch.device | str) -> bool:
     """Whether decodes on ``device`` read the pool in place (builds the kernel on first call, on CPU)."""
-    return torch.device(device).type == "cpu" and _library.ops() is not None
+    return torch.device(device).type == "cpu" and cpp_library.ops("paged_attention") is not None
 
 
 def why_not() -> str | None:
-    return _library.why_not()
+    return cpp_library.why_not("paged_attention")
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
@@ -135,4 +134,4 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     q [D, kv, group, hd] (the heads sharing a KV head together); k_pool, v_pool [kv, blocks, block_size, hd] (one
     layer); tables [D, nb] int64 block tables; lens [D] int64 context lengths (positions 0..len-1 attended).
     Returns [D, kv, group, hd]."""
-    return _library.ops().paged_decode(q.contiguous(), k_pool, v_pool, tables, lens, float(scale))
+    return cpp_library.ops("paged_attention").paged_decode(q.contiguous(), k_pool, v_pool, tables, lens, float(scale))
