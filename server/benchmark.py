@@ -31,12 +31,16 @@ def _ours(fixture: Path, quantize: str, runs: int, scaling: bool) -> dict:
     from .lora.weights import LoraModule, LoraWeights
     from .model.loader import ModelSpec, load_model
 
-    loaded = load_model(ModelSpec(model=str(fixture / "smollm2"), quantize=quantize, dtype="bfloat16"))
+    from .hardware import choose
+
+    fmt = choose("native", "cpu", quantize=quantize)  # the layout and dtype fast on this CPU
+    loaded = load_model(ModelSpec(model=str(fixture / "smollm2"), quantize=quantize, weights=fmt.weights,
+                                  dtype=fmt.dtype))
     adapters = sorted(p for p in (fixture / "adapters").iterdir() if (p / "adapter_config.json").exists())
     folders = {p.name: p for p in adapters}
     cfg = EngineConfig(max_loras=64 if scaling else len(adapters), max_lora_rank=16, max_cpu_loras=64,
                        max_running=64 if scaling else 32, max_model_len=256, max_batched_tokens=4096, prefill_chunk=1024)
-    engine = Engine(loaded.model, loaded.config, loaded.tokenizer, engine_config=cfg,
+    engine = Engine(loaded.model, loaded.config, loaded.tokenizer, engine_config=cfg, dtype=getattr(torch, fmt.dtype),
                     loader=lambda n: LoraWeights.load(folders[n], n), owns_model=True)
     sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     names = [adapters[i % len(adapters)].name for i in range(len(PROMPTS))]
@@ -50,7 +54,7 @@ def _ours(fixture: Path, quantize: str, runs: int, scaling: bool) -> dict:
             rates.append(sum(len(s.output_ids) for s in seqs) / (time.perf_counter() - t))
         return statistics.median(rates)
 
-    out = {"base": timed(PROMPTS, None), "mixed": timed(PROMPTS, names),
+    out = {"format": fmt.describe(), "base": timed(PROMPTS, None), "mixed": timed(PROMPTS, names),
            "resident_base_bytes": loaded.resident_bytes() + engine.decoder.packed_nbytes,
            "packed_bytes": engine.decoder.packed_nbytes,
            "slot_bytes": engine.bank.slot_nbytes,
@@ -90,45 +94,60 @@ def run(fixture: Path, peers: Path | None, vllm_python: str | None, runs: int, s
                                  "r=16 all 7 projections, round-robin", "date": time.strftime("%Y-%m-%d")}
     for q in ("none", "nf4"):
         out = _run([py, "-m", "loraplex.server.benchmark", "--ours", str(fixture), q, str(runs), "1" if scaling and q == "none" else "0"])
-        results[f"loraplex_{'bf16' if q == 'none' else q}"] = json.loads(out.strip().splitlines()[-1])
+        results[f"loraplex_{q}"] = json.loads(out.strip().splitlines()[-1])
+    from .hardware import Hardware
+
+    dtype = "bfloat16" if Hardware.detect().fast_low_precision else "float32"  # the peers' best dtype here
+    results["peer_dtype"] = dtype
+
+    def peer(python: str, script: str, *args: str) -> list[str]:
+        if dtype == "bfloat16":  # what the scripts pin
+            return [python, str(peers / script), *args]
+        return [python, "-m", "loraplex.server.peer_dtype", dtype, str(peers / script), *args]
+
     if peers is not None:
-        results["hf_static"] = _rates(_run([py, str(peers / "hf_static.py"), str(fixture / "smollm2")]))
-        results["peft"] = _rates(_run([py, str(peers / "peft_baseline.py"), str(fixture / "smollm2"), *adapters]))
+        results["hf_static"] = _rates(_run(peer(py, "hf_static.py", str(fixture / "smollm2"))))
+        results["peft"] = _rates(_run(peer(py, "peft_baseline.py", str(fixture / "smollm2"), *adapters)))
         if vllm_python:
             env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
-            results["vllm"] = _rates(_run([vllm_python, str(peers / "vllm_baseline.py"), str(fixture / "smollm2"), *adapters], env))
+            results["vllm"] = _rates(_run(peer(vllm_python, "vllm_baseline.py", str(fixture / "smollm2"), *adapters), env))
     return results
 
 
 def table(r: dict) -> str:
-    ours, nf4 = r["loraplex_bf16"], r["loraplex_nf4"]
+    ours, nf4 = r["loraplex_none"], r["loraplex_nf4"]
     hf = r.get("hf_static", {})
     peft, vllm = r.get("peft", {}), r.get("vllm", {})
-    rows = [("loraplex bf16", ours["base"], ours["mixed"]), ("loraplex nf4", nf4["base"], nf4["mixed"]),
-            ("HF static bf16", hf.get("hf static bf16 base"), None), ("HF static nf4", hf.get("hf static nf4 base"), None),
-            ("PEFT adapter_names bf16", peft.get("peft base batched"), peft.get("peft mixed batched (adapter_names)")),
+    d = {"bfloat16": "bf16", "float32": "fp32"}.get(r.get("peer_dtype", "bfloat16"), r.get("peer_dtype"))
+    rows = [(f"loraplex {ours['format']}", ours["base"], ours["mixed"]),
+            (f"loraplex {nf4['format']}", nf4["base"], nf4["mixed"]),
+            (f"HF static {d}", hf.get("hf static bf16 base"), None), (f"HF static nf4 ({d})", hf.get("hf static nf4 base"), None),
+            (f"PEFT adapter_names {d}", peft.get("peft base batched"), peft.get("peft mixed batched (adapter_names)")),
             ("PEFT set_adapter, batch 1", None, peft.get("peft swap per request (batch 1, 8 requests)")),
-            ("vLLM-cpu 0.32 bf16", vllm.get("vllm base batched"), vllm.get("vllm mixed batched"))]
+            (f"vLLM-cpu 0.32 {d}", vllm.get("vllm base batched"), vllm.get("vllm mixed batched"))]
     fmt = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
-    lines = [f"{r['date']}: {r['workload']} (tok/s)", f"{'system':<28}{'base':>8}{'mixed':>8}"]
-    lines += [f"{name:<28}{fmt(b):>8}{fmt(m):>8}" for name, b, m in rows if b is not None or m is not None]
+    lines = [f"{r['date']}: {r['workload']} (tok/s; the peers' scripts in {r.get('peer_dtype', 'bfloat16')})",
+             f"{'system':<58}{'base':>8}{'mixed':>8}"]
+    lines += [f"{name:<58}{fmt(b):>8}{fmt(m):>8}" for name, b, m in rows if b is not None or m is not None]
 
     def ratio(label, a, b):
         if a and b:
-            lines.append(f"{label:<58}{a / b:6.2f}x")
+            lines.append(f"{label:<66}{a / b:6.2f}x")
 
-    lines.append("ratios (same run):")
-    ratio("loraplex bf16 mixed / HF static bf16 base (goal >= 0.85)", ours["mixed"], hf.get("hf static bf16 base"))
-    ratio("loraplex nf4 mixed / HF static nf4 base (goal >= 0.85)", nf4["mixed"], hf.get("hf static nf4 base"))
-    ratio("loraplex bf16 mixed / vLLM-cpu mixed (goal >= 4)", ours["mixed"], vllm.get("vllm mixed batched"))
-    ratio("loraplex bf16 mixed / PEFT mixed (goal >= 2.5)", ours["mixed"], peft.get("peft mixed batched (adapter_names)"))
-    ratio("loraplex bf16 mixed / loraplex bf16 base", ours["mixed"], ours["base"])
+    best = max(ours, nf4, key=lambda o: o["mixed"])
+    lines.append(f"ratios (same run; loraplex = its faster format here, {best['format']}):")
+    ratio(f"loraplex mixed / HF static {d} base (goal >= 0.85)", best["mixed"], hf.get("hf static bf16 base"))
+    ratio(f"loraplex nf4 mixed / HF static nf4 base (goal >= 0.85)", nf4["mixed"], hf.get("hf static nf4 base"))
+    ratio(f"loraplex mixed / vLLM-cpu {d} mixed (goal >= 4)", best["mixed"], vllm.get("vllm mixed batched"))
+    ratio(f"loraplex mixed / PEFT {d} mixed (goal >= 2.5)", best["mixed"], peft.get("peft mixed batched (adapter_names)"))
+    ratio("loraplex mixed / loraplex base", best["mixed"], best["base"])
     if "scaling" in ours:
         s = ours["scaling"]
         lines.append("scaling, 64 requests x 64 tokens over N distinct adapters (tok/s): "
                      + ", ".join(f"N={k}: {v:.0f}" for k, v in s.items()) + f"; N=64 / N=1 = {s['64'] / s['1']:.2f}")
-    lines.append(f"memory: base bf16 {ours['resident_base_bytes'] / 1e6:.0f} MB (of which {ours.get('packed_bytes', 0) / 1e6:.0f} MB "
-                 f"prepacked for oneDNN), nf4 {nf4['resident_base_bytes'] / 1e6:.0f} MB ({nf4.get('packed_bytes', 0) / 1e6:.0f} MB); "
+    lines.append(f"memory: base {ours['format']} {ours['resident_base_bytes'] / 1e6:.0f} MB (of which "
+                 f"{ours.get('packed_bytes', 0) / 1e6:.0f} MB the decoder's own copies), {nf4['format']} "
+                 f"{nf4['resident_base_bytes'] / 1e6:.0f} MB ({nf4.get('packed_bytes', 0) / 1e6:.0f} MB); "
                  f"one adapter slot (r=16, fp32 factors) {ours['slot_bytes'] / 1e6:.1f} MB; KV cache {ours['kv_bytes'] / 1e6:.0f} MB")
     return "\n".join(lines)
 

@@ -47,6 +47,7 @@ class LoraBatch:
     first_slot: int | None  # slots are range(first_slot, first_slot + S): weights are read through a view
     dense_start: int  # with gather None: the segments are rows [dense_start, dense_start + S * L) in order
     rows: torch.Tensor  # [S * L] int64: token row of each padded row (gather, or the dense range)
+    padded_rows: int  # S * L
 
     @classmethod
     def build(cls, rows: list[tuple[int, int, list[tuple[int, float]]]], slot_ranks: dict[int, int],
@@ -78,7 +79,7 @@ class LoraBatch:
             weights=None if unit else torch.tensor(weights, dtype=dtype, device=device).unsqueeze(1),
             seg_len=seg_len, rank=max(slot_ranks[s] for s in slots),
             first_slot=slots[0] if contiguous else None, dense_start=first if dense else 0,
-            rows=torch.tensor(gather, dtype=torch.long, device=device),
+            rows=torch.tensor(gather, dtype=torch.long, device=device), padded_rows=len(gather),
         )
 
 
@@ -135,7 +136,7 @@ class LoraBank:
         self.ranks: dict[int, int] = {}  # slot -> rank of the adapter in it
         self.offsets = {gk: [m[1] for m in members] for gk, members in self.members.items()}  # members' first columns
         # a few rows' delta in one C++ call (float32 on CPU): see delta.py
-        self.small_kernel = compute_dtype == torch.float32 and torch.device(device).type == "cpu" and delta.available()
+        self.small_kernel = delta.op() if compute_dtype == torch.float32 and torch.device(device).type == "cpu" else None
 
     @property
     def slot_nbytes(self) -> int:
@@ -197,10 +198,10 @@ class LoraBank:
 
     def apply(self, key: GroupKey, x: torch.Tensor, ys: list[torch.Tensor], batch: LoraBatch) -> None:
         """Add the group's LoRA delta for the step's activations x [T, in] to its outputs ys (as ``add_delta``)."""
-        if self.small_kernel and batch.rows.numel() <= delta.SMALL_ROWS and x.dtype == torch.float32 \
+        if self.small_kernel is not None and batch.padded_rows <= delta.SMALL_ROWS and x.dtype == torch.float32 \
                 and ys[0].dtype == torch.float32:
-            delta.add(x, self.a[key], self.b[key], ys, self.offsets[key], batch.rows, batch.slots, batch.weights,
-                      batch.seg_len, batch.rank)
+            self.small_kernel(x, self.a[key], self.b[key], ys, self.offsets[key], batch.rows, batch.slots,
+                              batch.weights, batch.seg_len, batch.rank)
         else:
             self.add_delta(key, self.segments(x, batch), ys, batch)
 

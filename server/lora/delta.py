@@ -105,6 +105,13 @@ def why_not() -> str | None:
     return cpp_library.why_not("lora_delta")
 
 
+def op():
+    """The op itself (None where it is not built): ``op()(x, a, bs, ys, offsets, rows, slots, weights, seg_len,
+    rank)``, as ``add``; the bank calls it directly (each Python call between costs ~1 us a group)."""
+    ops = cpp_library.ops("lora_delta")
+    return None if ops is None else ops.lora_delta
+
+
 def add(x: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor], ys: list[torch.Tensor], offsets: list[int],
         rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor | None, seg_len: int, rank: int) -> None:
     """Add the group's delta into ``ys`` in place (see the module doc for the shapes)."""

@@ -36,7 +36,7 @@ def both_paths(bank: LoraBank, key: GroupKey, x: torch.Tensor, ys: list[torch.Te
     want = [y.clone() for y in ys]
     bank.add_delta(key, bank.segments(x, batch), want, batch)
     got = [y.clone() for y in ys]
-    assert bank.small_kernel and batch.rows.numel() <= delta.SMALL_ROWS
+    assert bank.small_kernel is not None and batch.padded_rows <= delta.SMALL_ROWS
     bank.apply(key, x, got, batch)
     return got, want
 
