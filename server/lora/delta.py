@@ -96,7 +96,6 @@ TORCH_LIBRARY_FRAGMENT(LIBRARY, m) { m.def("lora_delta", &lora_delta); }
 """
 
 
-
 def available() -> bool:
     return cpp_library.ops("lora_delta") is not None
 

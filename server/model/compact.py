@@ -17,8 +17,6 @@ Where neither form is exact, or the kernel is unavailable, ``build`` returns Non
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 
@@ -141,7 +139,6 @@ TORCH_LIBRARY_FRAGMENT(LIBRARY, m) {
 """
 
 
-
 def available() -> bool:
     return cpp_library.ops("compact") is not None
 
@@ -167,13 +164,6 @@ def as_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         q_all[start:start + CHUNK] = q.view(-1, k).to(torch.int8)
         scales[start:start + CHUNK] = scale.view(-1, k // BLOCK)
     return q_all, scales
-
-
-class _Scratch(threading.local):
-    buf = torch.empty(0)
-
-
-_scratch = _Scratch()
 
 
 class CompactLinear:
@@ -211,9 +201,7 @@ class CompactLinear:
     def _rows(self, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of the weight in float32, in the scratch buffer."""
         n = (end - start) * self.in_features
-        if _scratch.buf.numel() < n:
-            _scratch.buf = torch.empty(n)
-        out = _scratch.buf[:n].view(end - start, self.in_features)
+        out = cpp_library.scratch(n)[:n].view(end - start, self.in_features)
         if self.form == "int8":
             blocks = self.values[start:end].view(end - start, -1, BLOCK)
             torch.mul(blocks, self.scale[start:end].unsqueeze(-1), out=out.view(end - start, -1, BLOCK))

@@ -140,6 +140,21 @@ class CppLibrary:
 KERNELS = CppLibrary("loraplex_kernels", PARTS)
 
 
+class _Scratch(threading.local):
+    buf = torch.empty(0)
+
+
+_scratch = _Scratch()  # per thread: an engine's steps run on one thread, tests may run several engines
+
+
+def scratch(n: int) -> torch.Tensor:
+    """A reused float32 buffer of at least ``n`` values (weights decoded for one matmul; a fresh allocation of
+    that size each layer faulted its pages in every time)."""
+    if _scratch.buf.numel() < n:
+        _scratch.buf = torch.empty(n)
+    return _scratch.buf
+
+
 def ops(part: str):
     return KERNELS.ops(part)
 

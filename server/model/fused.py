@@ -149,7 +149,6 @@ TORCH_LIBRARY_FRAGMENT(LIBRARY, m) {
 """
 
 
-
 def ops():
     """The op namespace (None where the library cannot be built)."""
     return cpp_library.ops("fused")

@@ -21,8 +21,6 @@ at load so that a group of 16 weights is 8 bytes, byte j holding weight j (low n
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 
@@ -142,7 +140,6 @@ TORCH_LIBRARY_FRAGMENT(LIBRARY, m) {
 """
 
 
-
 def available() -> bool:
     """Whether the kernel runs on this CPU (builds it on the first call)."""
     return cpp_library.ops("nf4") is not None
@@ -175,13 +172,6 @@ def absmax32(state) -> torch.Tensor:
         a += state.offset
         return a.float().contiguous()
     return state.absmax.float().contiguous()
-
-
-class _Scratch(threading.local):
-    buf = torch.empty(0)
-
-
-_scratch = _Scratch()  # per thread: the engine's steps run on one thread, tests may run several engines
 
 
 class Nf4Linear:
@@ -230,8 +220,6 @@ class Nf4Linear:
             if self.bias is not None:
                 y += self.bias
         else:
-            if _scratch.buf.numel() < n * k:
-                _scratch.buf = torch.empty(n * k)
-            w = self._ops.nf4_dequant(self.codes, self.absmax, self.lut, _scratch.buf, n, k)
+            w = self._ops.nf4_dequant(self.codes, self.absmax, self.lut, cpp_library.scratch(n * k), n, k)
             y = F.linear(x2, w, self.bias)
         return y.view(*lead, n)

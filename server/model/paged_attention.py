@@ -117,7 +117,6 @@ TORCH_LIBRARY_FRAGMENT(LIBRARY, m) { m.def("paged_decode", &paged_decode); }
 """
 
 
-
 def available(device: torch.device | str) -> bool:
     """Whether decodes on ``device`` read the pool in place (builds the kernel on first call, on CPU)."""
     return torch.device(device).type == "cpu" and cpp_library.ops("paged_attention") is not None
