@@ -1,22 +1,26 @@
-"""Linears over NF4 weights computed by our own CPU kernel, from the 4-bit codes themselves, in float32.
+"""Linears over NF4 weights computed by our own CPU kernel, from the 4-bit codes themselves.
 
 bitsandbytes' CPU 4-bit matmul is fast only with AVX-512; without it (AMD EPYC, AVX2) the served default held
-the NF4 values dequantized in float32 (4 bytes a weight), and one decode step read 0.5 GB of weights. This kernel
-reads the codes (half a byte a weight, plus a float32 scale per 64) and turns each into its value in registers:
-a 16-entry table lookup (two AVX2 permutes and a blend) times the block's absmax, then FMAs in float32. The values
-are the ones bitsandbytes' ``dequantize_4bit`` gives in float32 (the same table, the same absmax: checked bit for
-bit in the tests), so a QLoRA adapter sees the base it was trained against; only the order of the float32 sums
-differs from a dense matmul.
+the NF4 values dequantized in float32 (4 bytes a weight), and one decode step read 0.5 GB of weights. This module
+keeps the codes (half a byte a weight, plus a float32 scale per 64) and has two paths:
 
-- up to ``KERNEL_ROWS`` tokens (decodes, a small batch): the kernel, the tokens in tiles of 4 that share each
-  weight row's decoding. Measured on the 2-core AMD EPYC (AVX2), 2026-12-02, the 120 base linears of SmolLM2-135M
-  with the weights out of cache: 1 token 12.9 ms against 53 ms dense float32; 4 tokens 16 ms against 88 ms;
-  16 tokens 69 against 90; 32 tokens 134 against 115 (so larger batches take the next path).
+- up to ``KERNEL_ROWS`` tokens (decodes, a small batch): an integer kernel. The 16-entry code book is held as int16
+  (each value times 16383 / its largest magnitude, rounded: within 3e-5 of the block's absmax of the NF4 value) and
+  looked up 32 codes at a time by two byte shuffles; each block of 64 activations of a token is scaled to int16 the
+  same way; int16 x int16 products are summed in int32 by ``vpmaddwd`` (8 products of at most 16383^2 a lane: no
+  overflow) and each block's sum goes to float32 times its absmax and the activations' scale. Outputs are within
+  ``KERNEL_ERROR`` of the row's largest output of the exact float64 product (8.8e-5 the worst seen over SmolLM2's
+  shapes, randn inputs), finer than float16 arithmetic (~5e-4) and bfloat16's (~4e-3, the AVX-512 default). A block holding an inf or NaN makes its token's outputs NaN. It replaced a float32 kernel (table
+  lookup by two AVX2 permutes and a blend, then FMAs) that the shuffles held to ~1.8 weights a cycle: measured on
+  the 2-core AMD EPYC (AVX2), 2026-12-02, SmolLM2-135M, one decode step's 120 linears 12.2 ms -> 5.3 ms.
 - more tokens (prefill chunks, full batches): the layer's weights are decoded into a reused float32 scratch
-  buffer and one dense matmul runs (the decoding costs ~0.5 ms a layer, against seconds of prefill).
+  buffer (``dequantize_4bit``'s float32 values bit for bit, checked in the tests) and one dense float32 matmul runs
+  (the decoding costs ~0.5 ms a layer, against seconds of prefill).
 
-Built with the other kernels (cpp_library.py; needs AVX2 and FMA; elsewhere bitsandbytes' own path serves). The codes are repacked
-at load so that a group of 16 weights is 8 bytes, byte j holding weight j (low nibble) and weight j + 8 (high).
+Either way the weights are the ones a QLoRA adapter was trained against; only the arithmetic differs.
+Built with the other kernels (cpp_library.py; needs AVX2 and FMA; elsewhere bitsandbytes' own path serves). The
+codes are repacked at load so that a group of 16 weights is 8 bytes, byte j holding weight j (low nibble) and
+weight j + 8 (high).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 from . import cpp_library
 
+KERNEL_ERROR = 2e-4  # the int16 kernel's outputs are within this fraction of the row's largest output (5e-5 seen)
 KERNEL_ROWS = 24  # at most this many tokens run the kernel; more: dequantize into scratch + one matmul
 BLOCK = 64  # weights per absmax (bitsandbytes' default blocksize, what the loader quantizes with)
 
@@ -35,11 +40,21 @@ SOURCE = r"""
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <cmath>
+#include <cstring>
+#include <limits>
 
 // value of each code: the table's entry (two permutes of 8 and a blend on the index's bit 3)
 static inline __m256 lookup(__m256i idx, __m256 lo, __m256 hi) {
   return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
                           _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+static inline float hsum_max(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
 }
 
 static inline float hsum(__m256 v) {
@@ -49,29 +64,64 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// R tokens (rows of x, K apart) against one weight row: its codes (K / 2 bytes) and absmax (K / 64)
+// Each block of 64 activations of a token as int16 (|q| <= QMAX) and its largest magnitude f: x ~= q * f / QMAX.
+// A block with an inf or NaN gets f = NaN (its token's outputs are NaN).
+static constexpr float QMAX = 16383.f;  // 8 products of two such int16 fit an int32: 8 * 16383^2 < 2^31
+
+static void quantize(const float* x, int64_t n_blocks, int16_t* q, float* f) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t b = 0; b < n_blocks; ++b, x += 64, q += 64) {
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < 64; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+    float mx = hsum_max(m);
+    bool finite = std::isfinite(mx);
+    for (int i = 0; i < 64; ++i) finite = finite && std::isfinite(x[i]);  // max_ps drops NaNs
+    if (!finite || mx == 0.f) {
+      std::memset(q, 0, 64 * sizeof(int16_t));
+      f[b] = finite ? 0.f : std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const __m256 inv = _mm256_set1_ps(QMAX / mx);
+    for (int i = 0; i < 64; i += 16) {
+      __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+      __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8));  // packs works per lane
+    }
+    f[b] = mx;
+  }
+}
+
+// R tokens (rows of q, K apart; their factors f, K / 64 apart) against one weight row: its codes (K / 2 bytes)
+// and absmax (K / 64). Per 32 weights (16 bytes, byte j < 8 holding weights j and j + 8, byte 8 + j weights
+// 16 + j and 24 + j, low nibble first): the nibbles in 32 bytes (low nibbles in the lower lane), the int16 table
+// looked up by two byte shuffles (low and high bytes) and interleaved back, which yields weights 0-15 and 16-31
+// in order; then int16 products summed in pairs (vpmaddwd) into int32, once per block to float.
 template <int R>
-static inline void rows(const float* x, int64_t K, const uint8_t* codes, const float* am, __m256 lut_lo,
-                        __m256 lut_hi, float* out, int64_t N) {
-  const __m256i m15 = _mm256_set1_epi32(15);
-  __m256 acc[R], b0[R], b1[R];
+static inline void rows(const int16_t* q, const float* f, int64_t K, const uint8_t* codes, const float* am,
+                        __m256i tlo, __m256i thi, float unit, float* out, int64_t N) {
+  const __m256i m15 = _mm256_set1_epi8(15);
+  __m256 acc[R];
+  __m256i s[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t blk = 0; blk < K / 64; ++blk) {
-    for (int r = 0; r < R; ++r) { b0[r] = _mm256_setzero_ps(); b1[r] = _mm256_setzero_ps(); }
-    for (int g = 0; g < 4; ++g) {
-      const int64_t j = blk * 64 + g * 16;
-      __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j / 2)));
-      __m256 w0 = lookup(_mm256_and_si256(v, m15), lut_lo, lut_hi);
-      __m256 w1 = lookup(_mm256_srli_epi32(v, 4), lut_lo, lut_hi);
+    for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
+    for (int h = 0; h < 2; ++h) {
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + blk * 32 + h * 16));
+      const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(c, 4), c), m15);
+      const __m256i lo = _mm256_shuffle_epi8(tlo, v), hi = _mm256_shuffle_epi8(thi, v);
+      const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
+      const int64_t j = blk * 64 + h * 32;
       for (int r = 0; r < R; ++r) {
-        b0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * K + j), b0[r]);
-        b1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * K + j + 8), b1[r]);
+        const __m256i* x = reinterpret_cast<const __m256i*>(q + r * K + j);
+        s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(w0, _mm256_loadu_si256(x)));
+        s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(w1, _mm256_loadu_si256(x + 1)));
       }
     }
-    const __m256 s = _mm256_set1_ps(am[blk]);
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_add_ps(b0[r], b1[r]), s, acc[r]);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_set1_ps(am[blk] * f[r * (K / 64) + blk]), acc[r]);
   }
-  for (int r = 0; r < R; ++r) out[r * N] = hsum(acc[r]);
+  for (int r = 0; r < R; ++r) out[r * N] = hsum(acc[r]) * unit;
 }
 
 static void check(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& lut, int64_t N, int64_t K) {
@@ -88,22 +138,42 @@ at::Tensor nf4_linear(at::Tensor x, at::Tensor codes, at::Tensor absmax, at::Ten
   const int64_t T = x.size(0), K = x.size(1);
   check(codes, absmax, lut, N, K);
   auto out = at::empty({T, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  const float* lp = lut.data_ptr<float>();
+  float wscale = 0.f;  // the int16 table: each code's value times wscale, rounded (|entry| <= QMAX)
+  for (int i = 0; i < 16; ++i) {
+    TORCH_CHECK(std::isfinite(lp[i]), "lut: finite values");
+    wscale = std::max(wscale, std::fabs(lp[i]));
+  }
+  TORCH_CHECK(wscale > 0.f, "lut: not all zero");
+  wscale = QMAX / wscale;
+  alignas(32) uint8_t tab[2][32];  // low and high bytes of each entry, repeated in both lanes
+  for (int i = 0; i < 32; ++i) {
+    const uint16_t e = static_cast<uint16_t>(static_cast<int16_t>(std::nearbyint(lp[i % 16] * wscale)));
+    tab[0][i] = e & 255;
+    tab[1][i] = e >> 8;
+  }
+  const int64_t nb = K / 64;
+  auto qx = at::empty({T * K}, x.options().dtype(at::kShort));
+  auto fx = at::empty({T * nb}, x.options());
+  int16_t* qp = qx.data_ptr<int16_t>();
+  float* fp = fx.data_ptr<float>();
+  quantize(x.data_ptr<float>(), T * nb, qp, fp);
+  const float unit = 1.f / (QMAX * wscale);  // a product of table entry and int16 activation, scaled back
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* ap = absmax.data_ptr<float>();
-  const float* lp = lut.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
-    const __m256 lut_lo = _mm256_loadu_ps(lp), lut_hi = _mm256_loadu_ps(lp + 8);
+    const __m256i tlo = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab[0]));
+    const __m256i thi = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab[1]));
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* c = cp + n * K / 2;
-      const float* a = ap + n * K / 64;
+      const float* a = ap + n * nb;
       int64_t t = 0;
-      for (; t + 4 <= T; t += 4) rows<4>(xp + t * K, K, c, a, lut_lo, lut_hi, op + t * N + n, N);
+      for (; t + 4 <= T; t += 4) rows<4>(qp + t * K, fp + t * nb, K, c, a, tlo, thi, unit, op + t * N + n, N);
       switch (T - t) {
-        case 3: rows<3>(xp + t * K, K, c, a, lut_lo, lut_hi, op + t * N + n, N); break;
-        case 2: rows<2>(xp + t * K, K, c, a, lut_lo, lut_hi, op + t * N + n, N); break;
-        case 1: rows<1>(xp + t * K, K, c, a, lut_lo, lut_hi, op + t * N + n, N); break;
+        case 3: rows<3>(qp + t * K, fp + t * nb, K, c, a, tlo, thi, unit, op + t * N + n, N); break;
+        case 2: rows<2>(qp + t * K, fp + t * nb, K, c, a, tlo, thi, unit, op + t * N + n, N); break;
+        case 1: rows<1>(qp + t * K, fp + t * nb, K, c, a, tlo, thi, unit, op + t * N + n, N); break;
         default: break;
       }
     }
