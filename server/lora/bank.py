@@ -136,6 +136,7 @@ class LoraBank:
         self.ranks: dict[int, int] = {}  # slot -> rank of the adapter in it
         self.offsets = {gk: [m[1] for m in members] for gk, members in self.members.items()}  # members' first columns
         # a few rows' delta in one C++ call (float32 on CPU): see delta.py
+        self._stacked: tuple | None = None  # stacked()'s lists, built once (the tensors are filled in place)
         self.small_kernel = delta.op() if compute_dtype == torch.float32 and torch.device(device).type == "cpu" else None
 
     @property
@@ -195,6 +196,21 @@ class LoraBank:
         else:
             xs = x.index_select(0, batch.gather)
         return xs.to(self.dtype).view(s, seg, -1)
+
+    def stacked(self, layers: int, groups: tuple[str, ...]) -> tuple[list, list, list, list]:
+        """The groups' factors in stack.py's order (layer by layer, ``groups`` in each): a per group (no elements
+        where the bank has none), the members' b's in order, each group's member count, the members' offsets."""
+        if self._stacked is None or self._stacked[0] != (layers, groups):
+            a, b, members, offsets = [], [], [], []
+            for i in range(layers):
+                for g in groups:
+                    key = GroupKey(i, g)
+                    a.append(self.a.get(key, torch.empty(0)))
+                    b.extend(self.b.get(key, []))
+                    members.append(len(self.b.get(key, [])))
+                    offsets.extend(self.offsets.get(key, []))
+            self._stacked = ((layers, groups), (a, b, members, offsets))
+        return self._stacked[1]
 
     def apply(self, key: GroupKey, x: torch.Tensor, ys: list[torch.Tensor], batch: LoraBatch) -> None:
         """Add the group's LoRA delta for the step's activations x [T, in] to its outputs ys (as ``add_delta``)."""

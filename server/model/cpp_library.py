@@ -35,6 +35,7 @@ class Part:
     module: str  # the module whose SOURCE it is
     switch: str  # environment variable: "0" leaves the part out
     needs: frozenset[str] = frozenset()  # CPU flags its source requires
+    uses: tuple[str, ...] = ()  # parts whose functions its source calls (they come before it in PARTS)
 
 
 PARTS = (
@@ -43,6 +44,8 @@ PARTS = (
     Part("compact", "loraplex.server.model.compact", "LORAPLEX_COMPACT_KERNEL", frozenset({"avx2", "fma"})),
     Part("fused", "loraplex.server.model.fused", "LORAPLEX_FUSED_OPS"),
     Part("lora_delta", "loraplex.server.lora.delta", "LORAPLEX_LORA_KERNEL"),
+    Part("stack", "loraplex.server.model.stack", "LORAPLEX_STACK_OP", frozenset({"avx2", "fma"}),
+         ("nf4", "fused", "paged_attention", "lora_delta")),
 )
 
 
@@ -117,6 +120,10 @@ class CppLibrary:
                     sources[p.name] = importlib.import_module(p.module).SOURCE
                 except (ImportError, AttributeError) as exc:
                     self._why[p.name] = f"{type(exc).__name__}: {exc}"
+            absent = [u for u in p.uses if u not in sources]
+            if p.name in sources and absent:
+                del sources[p.name]
+                self._why[p.name] = f"needs the {', '.join(absent)} part(s): {self._why[absent[0]]}"
         if not sources:
             return
         tag = hashlib.blake2b((" ".join(sorted(flags)) + "|" + " ".join(sources)).encode(), digest_size=6).hexdigest()

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import fused, nf4, paged_attention
+from . import fused, nf4, paged_attention, stack
 from .kv_cache import KVCache
+from ..lora import delta
 from ..lora.bank import GroupKey, LoraBank, LoraBatch
 from ..lora.weights import PROJECTIONS, ModuleKey
 from .compact import CompactLinear
@@ -85,6 +86,10 @@ class Decoder:
                         "AVX-512; --weights dense holds their values in float32 instead)", nf4.why_not())
         # the layers' elementwise work as C++ ops (float32 on CPU; None: PyTorch ops)
         self.fused = fused.ops() if self._fusable(config) else None
+        # an all-decode step's layers as one C++ call (stack.py): float32 NF4 kernel linears, fused ops, paged
+        self.stack = stack.ops() if self.fused is not None and self.paged and all(
+            isinstance(p.dense, Nf4Linear) for layer in self.projections for p in layer.values()) else None
+        self._stack_args: tuple | None = None  # the layers' tensors in the op's order, gathered on first use
         rope = inner.rotary_emb
         self._inv_freq = rope.inv_freq.float().to(device)  # [head_dim / 2]
         self._rope_scale = float(getattr(rope, "attention_scaling", 1.0))
@@ -167,6 +172,8 @@ class Decoder:
     def forward(self, batch: StepBatch, cache: KVCache, bank: LoraBank | None) -> torch.Tensor:
         """Logits [N, vocab] (float32) for batch.logit_rows."""
         if self.fused is not None:
+            if self._stacks(batch, bank):
+                return self._forward_stack(batch, cache, bank)
             return self._forward_fused(batch, cache, bank)
         t = batch.input_ids.numel()
         h = self.embed(batch.input_ids).to(self.dtype)  # [T, hidden]
@@ -188,6 +195,38 @@ class Decoder:
             h = h + self._project(i, "down", a, bank, lora)[0]
         h = self.norm(h.index_select(0, batch.logit_rows))
         return self.lm_head(h).float()
+
+    def _stacks(self, batch: StepBatch, bank: LoraBank | None) -> bool:
+        """Whether stack.py's op can run this step: every row a decode the NF4 kernel takes, and no LoRA or a LoRA
+        batch small enough for the small-rows op."""
+        t = batch.input_ids.numel()
+        if self.stack is None or batch.prefills or batch.num_decode != t or t > nf4.KERNEL_ROWS:
+            return False
+        lora = batch.lora if bank is not None else None
+        return lora is None or (bank.small_kernel is not None and lora.padded_rows <= delta.SMALL_ROWS)
+
+    def _forward_stack(self, batch: StepBatch, cache: KVCache, bank: LoraBank | None) -> torch.Tensor:
+        """``_forward_fused`` for an all-decode step, its layer loop in one C++ call."""
+        if self._stack_args is None:
+            denses = [layer[g].dense for layer in self.projections for g in stack.GROUPS]
+            norms = [n.weight for l in self.layers for n in (l.input_layernorm, l.post_attention_layernorm)]
+            none = torch.empty(0)
+            self._stack_args = (norms, [d.codes for d in denses], [d.absmax for d in denses], [d.lut for d in denses],
+                                [none if d.bias is None else d.bias for d in denses], [d.out_features for d in denses])
+        lora = batch.lora if bank is not None else None
+        if lora is None:
+            a, b, members, offsets, rows, slots, weights, seg_len, rank = [], [], [], [], None, None, None, 0, 0
+        else:
+            a, b, members, offsets = bank.stacked(len(self.layers), stack.GROUPS)
+            rows, slots, weights, seg_len, rank = lora.rows, lora.slots, lora.weights, lora.seg_len, lora.rank
+        h = self.embed(batch.input_ids).to(self.dtype).contiguous()  # [T, hidden]
+        ln = self.layers[0].input_layernorm
+        h = self.stack.decode_stack(h, batch.positions, self._cos, self._sin, batch.slot_mapping, batch.decode_tables,
+                                    batch.decode_lens, self.scaling, ln.variance_epsilon, self.num_heads,
+                                    self.num_kv_heads, self.head_dim, *self._stack_args, cache.k, cache.v, a, b,
+                                    members, offsets, rows, slots, weights, seg_len, rank)
+        return self.lm_head(self.fused.add_rms_norm(h.index_select(0, batch.logit_rows), None, self.norm.weight,
+                                                    self.norm.variance_epsilon)).float()
 
     def _forward_fused(self, batch: StepBatch, cache: KVCache, bank: LoraBank | None) -> torch.Tensor:
         """``forward`` with each layer's norms, rotary embedding and activation as fused.py's ops."""

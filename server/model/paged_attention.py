@@ -104,6 +104,12 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, at::
   const int64_t D = q.size(0), KV = q.size(1), G = q.size(2), HD = q.size(3);
   const int64_t BLOCKS = k_pool.size(1), BS = k_pool.size(2), NB = tc.size(1);
   TORCH_CHECK(k_pool.size(0) == KV && k_pool.size(3) == HD && lc.size(0) == D && tc.size(0) == D, "shapes");
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  const int64_t* lp = lc.data_ptr<int64_t>();
+  for (int64_t d = 0; d < D; ++d) {
+    TORCH_CHECK(lp[d] >= 0 && lp[d] <= NB * BS, "context length out of range");
+    for (int64_t b = 0; b < (lp[d] + BS - 1) / BS; ++b) TORCH_CHECK(tp[d * NB + b] >= 0 && tp[d * NB + b] < BLOCKS, "block out of range");
+  }
   auto out = at::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     paged_decode_impl<scalar_t>(q.data_ptr<scalar_t>(), k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(),

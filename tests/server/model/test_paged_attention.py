@@ -1,6 +1,6 @@
 """The paged decode-attention kernel against SDPA over the gathered blocks: fp32, bf16 and fp16, contexts that end
 mid-block, a single position, block tables padded with the null block; it reads only each sequence's own context
-(NaN anywhere else in the pool never reaches an output); and the engine's greedy decode is the same with it and
+(NaN anywhere else in the pool never reaches an output); a block or length out of range is refused; and the engine's greedy decode is the same with it and
 with the gather path."""
 
 from __future__ import annotations
@@ -62,3 +62,16 @@ def test_reads_only_each_sequence_s_own_context():
     got = paged_attention.paged_decode(q, k, v, tables, lens, HD ** -0.5)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_a_table_or_length_out_of_range_is_refused_before_any_read():
+    q, k, v, tables, lens = _case([20, 7], torch.float32)
+    bad_block = tables.clone()
+    bad_block[1, 0] = k.shape[1]  # one past the pool
+    with pytest.raises(RuntimeError, match="block out of range"):
+        paged_attention.paged_decode(q, k, v, bad_block, lens, HD ** -0.5)
+    bad_block[1, 0] = -1
+    with pytest.raises(RuntimeError, match="block out of range"):
+        paged_attention.paged_decode(q, k, v, bad_block, lens, HD ** -0.5)
+    with pytest.raises(RuntimeError, match="context length out of range"):
+        paged_attention.paged_decode(q, k, v, tables, torch.tensor([20, tables.shape[1] * BS + 1]), HD ** -0.5)
