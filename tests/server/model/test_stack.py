@@ -52,7 +52,8 @@ def run(engine, monkeypatch, use_stack: bool):
 
 
 def test_the_stack_decodes_bit_for_bit_what_the_python_loop_does(nf4_engine, monkeypatch):
-    assert nf4_engine.decoder.stack is not None and nf4_engine.decoder.linears.startswith("nf4 kernel")
+    assert nf4_engine.decoder.stack is not None
+    assert nf4_engine.decoder.linears.startswith("nf4 kernel") and nf4_engine.decoder.linears.endswith("one C++ call")
     run(nf4_engine, monkeypatch, False)  # the adapters loaded: both runs below schedule their steps alike
     with_op, calls = run(nf4_engine, monkeypatch, True)
     without, none = run(nf4_engine, monkeypatch, False)
