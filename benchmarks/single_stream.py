@@ -10,7 +10,7 @@ transformers' ``generate`` (base only, the adapter through PEFT); ``vllm:DTYPE``
 ``server`` is ``loraplex serve`` in its default format through HTTP and SSE (the openai client streaming). Each format runs in its own subprocess, one after the other in this one
 invocation: the native engine (the server's, without HTTP), greedy, EOS ignored; a 20-token prompt then 128
 new tokens (ms/token: the decode steps' median over ``--runs`` runs), base and with one adapter; and the time to
-the first token of a 1,000-token prompt. Results go to benchmarks/results/single-stream.json, keyed by format,
+the first token of a 1,000-token prompt. Results go to benchmarks/results/single-stream-KIND.json (KIND: avx2, avx512-bf16, ...), keyed by format,
 with the CPU's name and flags.
 """
 
@@ -359,7 +359,7 @@ def main() -> None:
         print("RESULT", json.dumps(result), flush=True)  # peers may print after it (vLLM's shutdown)
         return
     OUT.mkdir(parents=True, exist_ok=True)
-    out_file = OUT / "single-stream.json"
+    out_file = OUT / f"single-stream-{cpu()['kind']}.json"  # one file a CPU kind
     report = json.loads(out_file.read_text()) if out_file.exists() else {}
     if report.get("machine") != cpu():  # results of one machine only: another's are replaced
         report = {"machine": cpu(), "runs": {}}

@@ -4,13 +4,15 @@ Read from ``/proc`` at start (no torch here: the API reads it too). On CPUs the 
 the vector units do natively (measured 2026-12-01/02 on a 2-core AMD EPYC with AVX2 only, SmolLM2-135M, see
 issue 16 and the README): bitsandbytes' CPU NF4 matmuls are fast only with AVX-512 (one stream at 207 ms a
 token against 68 ms dense in float32), and bfloat16 has no native arithmetic below AVX-512 (32 x 64 tokens
-3x slower than float32). So:
+3x slower than float32). With AVX-512 and AVX512-BF16 but no AMX (2-core AMD EPYC Zen 4, 2026-12-02) one stream
+took 27.6 ms a token through bitsandbytes in bfloat16 against 8.3 with loraplex's NF4 kernel in float32, while
+32 x 64 tokens with 4 adapters ran 255 against 236 tok/s: the kernel is the default there too. So:
 
 | where | quantize | weights | dtype |
 |---|---|---|---|
 | CUDA | nf4 | packed (bitsandbytes 4-bit) | bfloat16 |
-| CPU with AVX-512 (AVX512-BF16 / AMX on Sapphire Rapids and later) | nf4 | packed | bfloat16 |
-| CPU with AVX2 and FMA, no AVX-512 | nf4 | packed: loraplex's NF4 kernel (server/model/nf4.py) | float32 |
+| CPU with AMX (Sapphire Rapids and later) | nf4 | packed (bitsandbytes 4-bit) | bfloat16 |
+| CPU with AVX2 and FMA (and AVX-512 without AMX) | nf4 | packed: loraplex's NF4 kernel (server/model/nf4.py) | float32 |
 | CPU without AVX2 | nf4 | dense: the NF4 values dequantized once | float32 |
 
 Both float32 layouts keep the numbers a QLoRA adapter was trained against (the NF4-dequantized weights, which
@@ -106,7 +108,11 @@ def choose(engine: str, device: str, quantize: str | None = None, weights: str |
         why, fast, kernel = f"cpu {hw.kind}", hw.fast_low_precision, hw.nf4_kernel
         fits = dense_bytes is None or hw.memory_available is None or dense_bytes <= hw.memory_available // 2
     q = quantize or ("nf4" if engine == "native" else "none")
-    d = dtype or ("bfloat16" if fast else "float32")
+    # loraplex's NF4 kernel in float32 where it runs, except with AMX (bitsandbytes' bfloat16 path was tuned there):
+    # with AVX-512 but no AMX (AMD Zen 4, 2026-12-02) it decoded one stream 3.3x as fast as bitsandbytes in bfloat16
+    kernel_first = (kernel and engine == "native" and q == "nf4" and weights in (None, "packed")
+                    and why != "cpu amx")
+    d = dtype or ("float32" if kernel_first else "bfloat16" if fast else "float32")
     if q == "none":
         w = "dense"
     elif engine != "native" or q != "nf4":
@@ -114,7 +120,7 @@ def choose(engine: str, device: str, quantize: str | None = None, weights: str |
     elif weights:
         w = weights
     elif fast or (kernel and d == "float32"):
-        w = "packed"  # bitsandbytes' kernels with AVX-512 or on CUDA; loraplex's NF4 kernel in float32 on AVX2
+        w = "packed"  # loraplex's NF4 kernel in float32 (AVX2); bitsandbytes' kernels with AMX or on CUDA
     elif fits:
         w = "dense"
     else:

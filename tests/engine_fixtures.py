@@ -26,6 +26,17 @@ def tiny_llama(seed: int = 0, dims: dict | None = None) -> LlamaForCausalLM:
     return model
 
 
+def exact_nf4(model: torch.nn.Module) -> torch.nn.Module:
+    """A bitsandbytes NF4 model on the path training runs: each forward dequantizes the NF4 values and multiplies
+    in the compute dtype. On CPUs with AVX512-BF16, in eval mode under no_grad, bitsandbytes otherwise repacks each
+    weight for its inference kernel, which rounds to bfloat16 (~4e-3 of a row's scale, measured on AMD Zen 4): not
+    the values a QLoRA adapter was trained against (the trainer switches it off too, trainer/recipe.py)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def make_peft_adapters(folder: Path, seed: int = 1, specs: dict = ADAPTERS, dims: dict | None = None) -> dict[str, Path]:
     """Save each adapter as its own PEFT folder (random, non-zero B); returns name -> folder."""
     out = {}

@@ -49,16 +49,22 @@ void lora_delta(at::Tensor x, at::Tensor a, std::vector<at::Tensor> bs, std::vec
   const float* wp = weights.has_value() ? weights->data_ptr<float>() : nullptr;
   for (int64_t i = 0; i < P; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < x.size(0), "row out of range");
   for (int64_t s = 0; s < S; ++s) TORCH_CHECK(sp[s] >= 0 && sp[s] < a.size(0), "slot out of range");
-  std::vector<float> h(P * nR, 0.f);
+  // The shrink in pieces of KC input features, so that one row's shrink (a single stream: P = 1) runs on every
+  // thread: each piece sums its features in order, then the pieces are added in order (the same sums whatever
+  // the thread count).
+  constexpr int64_t KC = 64;
+  const int64_t C = (in + KC - 1) / KC;
+  std::vector<float> part(P * C * nR, 0.f);
   const float* xp = x.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
   const int64_t xs = x.stride(0);
-  at::parallel_for(0, P, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, in * nR)), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
+  at::parallel_for(0, P * C, std::max<int64_t>(1, 16384 / (KC * nR)), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t i = t / C, k0 = (t % C) * KC, k1 = std::min(in, k0 + KC);
       const float* xr = xp + rp[i] * xs;
       const float* as = ap + sp[i / seg_len] * in * nR;
-      float* hi = h.data() + i * nR;
-      for (int64_t k = 0; k < in; ++k) {
+      float* hi = part.data() + t * nR;
+      for (int64_t k = k0; k < k1; ++k) {
         const float xv = xr[k];
         const float* arow = as + k * nR;
 #pragma omp simd
@@ -66,16 +72,34 @@ void lora_delta(at::Tensor x, at::Tensor a, std::vector<at::Tensor> bs, std::vec
       }
     }
   });
+  std::vector<float> h(P * nR, 0.f);
+  for (int64_t i = 0; i < P; ++i)
+    for (int64_t c = 0; c < C; ++c) {
+      const float* pc = part.data() + (i * C + c) * nR;
+      float* hi = h.data() + i * nR;
+      for (int64_t col = 0; col < nR; ++col) hi[col] += pc[col];
+    }
+  // The expand: every member's output columns in one range split over the threads (one parallel region a group).
+  std::vector<int64_t> first(n + 1, 0);  // member p's columns are [first[p], first[p + 1]) of the range
   for (int64_t p = 0; p < n; ++p) {
     const at::Tensor& b = bs[p];
     const at::Tensor& y = ys.size() == 1 ? ys[0] : ys[p];
-    TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.size(1) == R, "b [slots, R, out] f32");
-    TORCH_CHECK(y.scalar_type() == at::kFloat && y.stride(1) == 1, "float32 output rows");
-    const int64_t out = b.size(2), col0 = ys.size() == 1 ? offsets[p] : 0, ystride = y.stride(0);
-    TORCH_CHECK(col0 + out <= y.size(1) && b.size(0) == a.size(0), "output columns");
-    const float* bp = b.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, out, std::max<int64_t>(64, 32768 / std::max<int64_t>(1, P * r)), [&](int64_t j0, int64_t j1) {
+    TORCH_CHECK(b.scalar_type() == at::kFloat && b.is_contiguous() && b.dim() == 3 && b.size(1) == R,
+                "b [slots, R, out] f32");
+    TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.stride(1) == 1 && y.size(0) == x.size(0),
+                "float32 output rows");
+    const int64_t col0 = ys.size() == 1 ? offsets[p] : 0;
+    TORCH_CHECK(col0 >= 0 && col0 + b.size(2) <= y.size(1) && b.size(0) == a.size(0), "output columns");
+    first[p + 1] = first[p] + b.size(2);
+  }
+  at::parallel_for(0, first[n], std::max<int64_t>(64, 4096 / std::max<int64_t>(1, P * r)), [&](int64_t g0, int64_t g1) {
+    for (int64_t p = 0; p < n; ++p) {
+      const int64_t j0 = std::max(g0, first[p]) - first[p], j1 = std::min(g1, first[p + 1]) - first[p];
+      if (j0 >= j1) continue;
+      const at::Tensor& y = ys.size() == 1 ? ys[0] : ys[p];
+      const int64_t out = first[p + 1] - first[p], col0 = ys.size() == 1 ? offsets[p] : 0, ystride = y.stride(0);
+      const float* bp = bs[p].data_ptr<float>();
+      float* yp = y.data_ptr<float>();
       for (int64_t i = 0; i < P; ++i) {
         const float w = wp ? wp[i] : 1.f;
         const float* hi = h.data() + i * nR + p * R;
@@ -88,8 +112,8 @@ void lora_delta(at::Tensor x, at::Tensor a, std::vector<at::Tensor> bs, std::vec
           for (int64_t j = j0; j < j1; ++j) yr[j] += c * brow[j];
         }
       }
-    });
-  }
+    }
+  });
 }
 
 TORCH_LIBRARY_FRAGMENT(LIBRARY, m) { m.def("lora_delta", &lora_delta); }

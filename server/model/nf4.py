@@ -92,6 +92,18 @@ static void quantize(const float* x, int64_t n_blocks, int16_t* q, float* f) {
   }
 }
 
+// A lane's int32 sum plus the two int16 products of its pair: one vpdpwssd where the CPU has AVX512-VNNI (on
+// 256-bit registers, which it gives 32 of: tiles of 8 tokens fit), else vpmaddwd then vpaddd (16 registers: tiles
+// of 4). The same int32 either way (|products| <= 16383^2: no saturation in vpmaddwd, wrapping adds in both), and
+// each token's sums run in the same order whatever its tile: outputs do not depend on the path or the tiling.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+static constexpr int TILE = 8;
+static inline __m256i dot_add(__m256i s, __m256i w, __m256i x) { return _mm256_dpwssd_epi32(s, w, x); }
+#else
+static constexpr int TILE = 4;
+static inline __m256i dot_add(__m256i s, __m256i w, __m256i x) { return _mm256_add_epi32(s, _mm256_madd_epi16(w, x)); }
+#endif
+
 // R tokens (rows of q, K apart; their factors f, K / 64 apart) against one weight row: its codes (K / 2 bytes)
 // and absmax (K / 64). Per 32 weights (16 bytes, byte j < 8 holding weights j and j + 8, byte 8 + j weights
 // 16 + j and 24 + j, low nibble first): the nibbles in 32 bytes (low nibbles in the lower lane), the int16 table
@@ -114,8 +126,8 @@ static inline void rows(const int16_t* q, const float* f, int64_t K, const uint8
       const int64_t j = blk * 64 + h * 32;
       for (int r = 0; r < R; ++r) {
         const __m256i* x = reinterpret_cast<const __m256i*>(q + r * K + j);
-        s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(w0, _mm256_loadu_si256(x)));
-        s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(w1, _mm256_loadu_si256(x + 1)));
+        s[r] = dot_add(s[r], w0, _mm256_loadu_si256(x));
+        s[r] = dot_add(s[r], w1, _mm256_loadu_si256(x + 1));
       }
     }
     for (int r = 0; r < R; ++r)
@@ -169,7 +181,11 @@ at::Tensor nf4_linear(at::Tensor x, at::Tensor codes, at::Tensor absmax, at::Ten
       const uint8_t* c = cp + n * K / 2;
       const float* a = ap + n * nb;
       int64_t t = 0;
-      for (; t + 4 <= T; t += 4) rows<4>(qp + t * K, fp + t * nb, K, c, a, tlo, thi, unit, op + t * N + n, N);
+      for (; t + TILE <= T; t += TILE) rows<TILE>(qp + t * K, fp + t * nb, K, c, a, tlo, thi, unit, op + t * N + n, N);
+      if (TILE > 4 && t + 4 <= T) {
+        rows<4>(qp + t * K, fp + t * nb, K, c, a, tlo, thi, unit, op + t * N + n, N);
+        t += 4;
+      }
       switch (T - t) {
         case 3: rows<3>(qp + t * K, fp + t * nb, K, c, a, tlo, thi, unit, op + t * N + n, N); break;
         case 2: rows<2>(qp + t * K, fp + t * nb, K, c, a, tlo, thi, unit, op + t * N + n, N); break;

@@ -46,6 +46,16 @@ def test_defaults_per_machine(tmp_path):
     assert (f.quantize, f.weights, f.dtype, f.why) == ("nf4", "dense", "float32", "cpu baseline")
     f = choose("native", "cpu", hardware=spr)
     assert (f.quantize, f.weights, f.dtype, f.why) == ("nf4", "packed", "bfloat16", "cpu amx")
+    for name, flags in (("avx512", AVX512), ("avx512-bf16", AVX512 + " avx512_bf16")):  # AVX-512 without AMX
+        (tmp_path / name).mkdir()
+        hw = Hardware.detect(fake_proc(tmp_path / name, flags))
+        f = choose("native", "cpu", hardware=hw)  # the NF4 kernel in float32 (one stream 3.3x bitsandbytes' bf16)
+        assert (f.quantize, f.weights, f.dtype, f.why) == ("nf4", "packed", "float32", f"cpu {name}")
+        f = choose("native", "cpu", dtype="bfloat16", hardware=hw)  # bfloat16 asked for: bitsandbytes' path
+        assert (f.weights, f.dtype) == ("packed", "bfloat16")
+        f = choose("native", "cpu", quantize="none", hardware=hw)  # no NF4: the dtype native here
+        assert (f.weights, f.dtype) == ("dense", "bfloat16")
+        assert choose("vllm", "cpu", hardware=hw).dtype == "bfloat16"
     f = choose("native", "cuda", hardware=avx2)  # the GPU decides, whatever the CPU
     assert (f.quantize, f.weights, f.dtype, f.why) == ("nf4", "packed", "bfloat16", "cuda")
     f = choose("vllm", "cpu", hardware=avx2)  # vLLM serves the unquantized base, in the dtype fast here

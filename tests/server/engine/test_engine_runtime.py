@@ -9,7 +9,7 @@ import torch
 
 from loraplex.adapters import AdapterCache, AdapterRegistry, IncompatibleBaseError
 from loraplex.adapters.basemodel import BaseModelInfo
-from engine_fixtures import ADAPTERS, make_peft_adapters, peft_reference, tiny_llama
+from engine_fixtures import ADAPTERS, exact_nf4, make_peft_adapters, peft_reference, tiny_llama
 from loraplex.server.engine.async_engine import AsyncEngine
 from loraplex.server.engine.engine import Engine, EngineConfig
 from loraplex.server.engine.sampling import SamplingParams
@@ -128,7 +128,8 @@ def test_an_nf4_base_in_float32_serves_what_peft_computes_on_the_packed_one(fold
                              bnb_4bit_compute_dtype=torch.float32)
 
     def load():
-        return LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=nf4, device_map="cpu").eval()
+        return exact_nf4(LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=nf4,
+                                                          device_map="cpu").eval())
 
     base = load()
     if layout == "dense":
