@@ -16,7 +16,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from starlette.datastructures import Headers
 
-from . import admin, chat, completions, errors, health, models
+from . import admin, chat, completions, errors, health, models, tokenize
 from .admission import Admission
 from .auth import AuthenticationError, KeyStore
 from .backend import EngineBackend
@@ -28,7 +28,7 @@ from .state import PRINCIPAL, ApiState, RequestLimits
 
 __all__ = ["BodyLimit", "KeyGate", "RequestLimits", "create_app"]
 
-ROUTERS = (chat.router, completions.router, models.router, admin.router, health.router)
+ROUTERS = (chat.router, completions.router, tokenize.router, models.router, admin.router, health.router)
 # Paths answered without a key at the gate: probes, the API's description, and /metrics (its own check).
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 

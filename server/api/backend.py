@@ -20,11 +20,22 @@ class EngineBackend(Protocol):
     def ready(self) -> bool:
         """False while the engine is down or restarting (``/ready`` then answers 503, requests get 503s)."""
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        """The base model's chat template applied to OpenAI-style messages, ready to generate."""
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> str:
+        """The base model's chat template applied to OpenAI-style messages, ready to generate (or, with
+        ``continue_final_message``, ending inside the last message)."""
 
     def token_text(self, token_id: int) -> str:
         """The text of one token (for logprobs)."""
+
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        """The base tokenizer's ids of ``text``."""
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        """Each id's token as the tokenizer's vocabulary spells it (``convert_ids_to_tokens``)."""
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of ``ids``; raises ``ValueError`` for an id outside the vocabulary."""
 
     def generate(self, prompt: str | list[int], params: SamplingParams, adapters: list[tuple[str, float]],
                  request_id: str) -> AsyncIterator[RequestOutput]:

@@ -82,6 +82,8 @@ def install(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return envelope(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "),
                             "invalid_request_error")
+        if first.get("type") == "unsupported_field":  # (unserved.py: a field of the schemas not served here)
+            return envelope(400, first["msg"], "invalid_request_error", first["ctx"]["field"])
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         where = ".".join(loc)
         msg = first.get("msg", "invalid request")

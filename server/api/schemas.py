@@ -3,12 +3,13 @@ map to. Unknown fields are ignored, as OpenAI's API does; wrong types and ranges
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from ..engine.request import (MAX_ADAPTER_WEIGHT, MAX_MIXTURE, MAX_REPETITION_PENALTY, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS,
+from ..engine.request import (MAX_ADAPTER_WEIGHT, MAX_LOGIT_BIAS, MAX_MIXTURE, MAX_REPETITION_PENALTY, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS,
                                MAX_TOKEN_ID, SEED_RANGE, SamplingParams)
+from . import unserved
 from .auth import Principal
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
@@ -41,6 +42,7 @@ class StreamOptions(BaseModel):
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    UNSERVED: ClassVar[dict[str, tuple]] = unserved.COMMON  # fields refused unless neutral (see unserved.py)
     model: str = Field(min_length=1, max_length=300)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKEN_ID)
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
@@ -60,9 +62,18 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CLIENT_SALT)
+    # OpenAI's: token id (as a string, as JSON object keys are) -> bias added to its logit
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = \
+        Field(default=None, max_length=MAX_LOGIT_BIAS)
     # loraplex extras (the openai client's extra_body)
     adapters: list[AdapterWeight] | None = Field(default=None, max_length=MAX_MIXTURE)
     merge: MergeRequest | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unserved(cls, data):
+        unserved.check(data, cls.UNSERVED, set(cls.model_fields))
+        return data
 
     @field_validator("cache_salt")
     @classmethod
@@ -72,6 +83,14 @@ class _Common(BaseModel):
                 v.encode("utf-8")
             except UnicodeEncodeError:
                 raise ValueError("cache_salt must be valid UTF-8 text") from None
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, v):
+        for key in v or {}:
+            if not (key.isascii() and key.isdigit() and len(key) <= 12):
+                raise ValueError(f"logit_bias keys are token ids (decimal integers), got {key[:20]!r}")
         return v
 
     @field_validator("stop")
@@ -91,6 +110,7 @@ class _Common(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty or 1.0, logprobs=logprobs,
             cache_salt=who.cache_salt(self.cache_salt),
+            logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
         )
 
 
@@ -115,6 +135,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Common):
+    UNSERVED: ClassVar[dict[str, tuple]] = unserved.CHAT
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKEN_ID)
     logprobs: bool = False
@@ -122,6 +143,7 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
+    UNSERVED: ClassVar[dict[str, tuple]] = unserved.COMPLETION
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKEN_ID)
     logprobs: int | None = Field(default=None, ge=0, le=5)
@@ -155,3 +177,51 @@ class LoadAdapterRequest(BaseModel):
 class UnloadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     lora_name: str = Field(min_length=1, max_length=63)
+
+
+class _Tokenize(BaseModel):
+    """vLLM's ``/tokenize`` bodies: ``model`` (the base or an adapter the caller may use; the tokenizer is the
+    base's either way), and whether to return each token's text."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(default=None, min_length=1, max_length=300)
+    return_token_strs: bool | None = False
+    adapters: None = None  # (what the resolver reads: a model name only here)
+    merge: None = None
+
+
+class TokenizeCompletionRequest(_Tokenize):
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class TokenizeChatRequest(_Tokenize):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _one_of(cls, v, info):
+        if v and info.data.get("add_generation_prompt"):
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        return v
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(default=None, min_length=1, max_length=300)
+    tokens: list[TokenId] = Field(max_length=1 << 17)
+    adapters: None = None
+    merge: None = None
+
+
+def _tokenize_kind(body: Any) -> str:
+    return "chat" if isinstance(body, dict) and "messages" in body else "completion"
+
+
+# /tokenize's body: chat messages when it has "messages", else a prompt (so that errors name the right fields)
+TokenizeRequest = Annotated[Annotated[TokenizeChatRequest, Tag("chat")] | Annotated[TokenizeCompletionRequest,
+                                                                                      Tag("completion")],
+                            Discriminator(_tokenize_kind)]

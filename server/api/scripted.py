@@ -56,11 +56,32 @@ class ScriptedBackend:
         self.ready = True  # the engine serves; a test sets it False to stand for an engine that is restarting
 
     # ---- text -----------------------------------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict]) -> str:
-        return "".join(TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages) + "<|assistant|>"
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> str:
+        if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
+        text = "".join(TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages)
+        if continue_final_message:
+            return text[:-1]  # the last message left open (without its newline)
+        return text + ("<|assistant|>" if add_generation_prompt else "")
 
     def token_text(self, token_id: int) -> str:
         return "</s>" if token_id == EOS else chr(token_id)
+
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(text.encode("utf-8"))  # (no special tokens to add: EOS only ends)
+
+    def _known(self, ids: list[int]) -> list[int]:
+        bad = next((i for i in ids if not 0 <= i < 256), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is not in the vocabulary (ids 0 to 255)")
+        return ids
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return [self.token_text(i) for i in self._known(ids)]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return bytes(self._known(ids)).decode("utf-8", errors="replace")
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         ids = list(prompt.encode("utf-8")) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -87,6 +108,8 @@ class ScriptedBackend:
         if request_id in self.running:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self._encode(prompt)
+        if any(t >= 256 for t, _ in params.logit_bias):
+            raise ValueError("logit_bias token ids must be in [0, 256)")
         mix = tuple((str(n), float(w)) for n, w in adapters)
         if any(not math.isfinite(w) for _, w in mix):
             raise ValueError("adapter weights must be finite")
@@ -116,6 +139,10 @@ class ScriptedBackend:
                                         error=EngineError(f"adapter {failed} failed in the engine"))
                     return
                 tid, lp, ranked = self._next(key, len(out_ids))
+                if params.logit_bias:  # the toy model's logits are its ranked alphabet's (others: -inf)
+                    bias = dict(params.logit_bias)
+                    tid = max(ranked, key=lambda e: e[1] + bias.get(e[0], 0.0))[0]
+                    lp = dict(ranked)[tid]
                 if self.eos_after is not None and len(out_ids) >= self.eos_after and not params.ignore_eos:
                     tid, lp = EOS, -0.05
                 out_ids.append(tid)

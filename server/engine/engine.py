@@ -121,6 +121,8 @@ class Engine:
             raise ValueError(f"top_k must be at most the vocabulary size ({self.vocab_size}), got {params.top_k}")
         if any(t >= self.vocab_size for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        if any(t >= self.vocab_size for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         mix = _normalize_adapters(adapters)
         self.adapters.check_fits([name for name, _ in mix])  # a set that can never be placed whole waits for ever
         seq = Sequence(request_id, ids, params, mix, make_generator(params.seed, self.device))

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from loraplex.adapters.errors import EngineUnavailableError, LoraplexError
 
 from .request import RequestOutput, SamplingParams, drain
+from .text import TokenizerText
 
 _STATS_EVERY = 0.25  # seconds between stats messages while idle
 _LOADS_KEPT = 1024  # load durations the API process keeps for /metrics (a scrape observes the new ones)
@@ -181,7 +182,7 @@ def _engine_main(conn, launch: EngineLaunch, pins: tuple[str, ...] = ()) -> None
                 return
 
 
-class EngineProcess:
+class EngineProcess(TokenizerText):
     """``EngineBackend`` over an engine running in a child process, restarted when it dies."""
 
     def __init__(self, launch: EngineLaunch, start_timeout: float = 900.0,
@@ -349,14 +350,6 @@ class EngineProcess:
         return await fut
 
     # ---- EngineBackend --------------------------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict]) -> str:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this base model has no chat template: use /v1/completions")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
-
     async def generate(self, prompt: str | list[int], params: SamplingParams, adapters: list[tuple[str, float]],
                        request_id: str) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()

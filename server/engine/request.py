@@ -14,6 +14,7 @@ MAX_STOP = 16
 MAX_STOP_CHARS = 256  # characters of one stop string
 MAX_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 1024  # entries of a request's logit_bias (each a token id and a bias in [-100, 100])
 MAX_TOKEN_ID = 2**31 - 1  # ids and top_k fit int32 (the engine checks them against its vocabulary too)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 MAX_MIXTURE = 8  # adapters in one mixture or merge
@@ -63,11 +64,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None
     cache_salt: str | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling), OpenAI's
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", tuple(tuple(e) for e in self.logit_bias))
         checks = [
             ("max_tokens", _int(self.max_tokens) and 1 <= self.max_tokens <= MAX_TOKEN_ID,
              f"an integer in [1, {MAX_TOKEN_ID}]"),
@@ -93,6 +96,10 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or (_int(self.logprobs)
                                                    and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"null or an integer in [0, {MAX_LOGPROBS}]"),
+            ("logit_bias", len(self.logit_bias) <= MAX_LOGIT_BIAS and all(
+                len(e) == 2 and _int(e[0]) and 0 <= e[0] <= MAX_TOKEN_ID and _num(e[1]) and -100 <= e[1] <= 100
+                for e in self.logit_bias) and len({e[0] for e in self.logit_bias}) == len(self.logit_bias),
+             f"at most {MAX_LOGIT_BIAS} distinct token ids, each with a bias in [-100, 100]"),
             ("cache_salt", self.cache_salt is None or (isinstance(self.cache_salt, str)
                                                        and 0 < len(self.cache_salt) <= MAX_CACHE_SALT),
              f"null or a non-empty string of at most {MAX_CACHE_SALT} characters"),

@@ -37,6 +37,7 @@ from loraplex.adapters import AdapterRegistry, BaseModelInfo
 from loraplex.adapters.errors import ConfigError, EngineError, EngineUnavailableError, LoraplexError
 
 from ..engine.request import RequestOutput, SamplingParams, drain
+from ..engine.text import TokenizerText
 from .catalog import AdapterCatalog, CheckedAdapter
 from .derived import DerivedStore
 from .launch import VllmLaunch
@@ -51,7 +52,7 @@ _RESTARTING = "the vLLM engine is restarting; retry shortly"
 _WATCH_EVERY = 0.25  # seconds between checks of the engine's health
 
 
-class VllmBackend:
+class VllmBackend(TokenizerText):
     """The API's engine, on vLLM."""
 
     def __init__(self, launch: VllmLaunch, base: BaseModelInfo, registry: AdapterRegistry | None,
@@ -226,14 +227,6 @@ class VllmBackend:
             pass
 
     # ---- EngineBackend ----------------------------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict]) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this base model has no chat template: use /v1/completions")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         # As the native engine: a text prompt is encoded without added special tokens (chat templates
         # carry their own), and the same limits apply, with the same messages.
@@ -251,6 +244,8 @@ class VllmBackend:
                        request_id: str) -> AsyncIterator[RequestOutput]:
         self._check_up()
         ids = self._prompt_ids(prompt)
+        if any(t >= self.vocab_size for t, _ in params.logit_bias):  # (the native engine's check and message)
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         checked = await self._resolve_held(adapters)
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()

@@ -30,6 +30,7 @@ def to_vllm(params: SamplingParams):
         frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty,
         logprobs=params.logprobs,
+        logit_bias=dict(params.logit_bias) or None,
         skip_special_tokens=True,
         output_kind=RequestOutputKind.DELTA,
     )

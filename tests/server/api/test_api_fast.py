@@ -242,3 +242,111 @@ assert "torch" not in sys.modules and not heavy, heavy
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_tokenize_and_detokenize_with_vllms_shapes(api):
+    """/tokenize (a prompt, or chat messages through the template) and /detokenize at the server's root, as vLLM
+    serves them; ``model`` may name an adapter (same tokenizer); bad ids and bad bodies are 400s."""
+    async def main():
+        root = api.openai().with_options(base_url="http://api")
+        r = await root.post("/tokenize", body={"model": "helper@1", "prompt": "héllo", "return_token_strs": True},
+                            cast_to=object)
+        ids = list("héllo".encode())
+        assert r == {"count": len(ids), "max_model_len": api.backend.max_model_len, "tokens": ids,
+                     "token_strs": [chr(i) for i in ids]}
+        r = await root.post("/tokenize", body={"prompt": "ab"}, cast_to=object)  # model is optional
+        assert r["tokens"] == [97, 98] and "token_strs" not in r
+        chat = await root.post("/tokenize", body={"model": BASE, "messages": MSG}, cast_to=object)
+        assert chat["tokens"] == list(api.backend.chat_prompt(MSG).encode())
+        open_end = await root.post("/tokenize", body={"messages": MSG, "add_generation_prompt": False},
+                                   cast_to=object)
+        assert bytes(open_end["tokens"]).decode() + "<|assistant|>" == api.backend.chat_prompt(MSG)
+        back = await root.post("/detokenize", body={"model": "helper", "tokens": ids}, cast_to=object)
+        assert back == {"prompt": "héllo"}
+        for path, body, says in (("/detokenize", {"tokens": [104, 300]}, "token id 300"),
+                                 ("/detokenize", {"tokens": [-1]}, "tokens"),
+                                 ("/tokenize", {"prompt": 5}, "prompt"),
+                                 ("/tokenize", {}, "prompt"),
+                                 ("/tokenize", {"messages": MSG, "continue_final_message": True},
+                                  "continue_final_message"),
+                                 ("/tokenize", {"messages": MSG, "add_generation_prompt": False,
+                                                "continue_final_message": True}, "assistant")):
+            with pytest.raises(openai.BadRequestError) as e:
+                await root.post(path, body=body, cast_to=object)
+            assert e.value.status_code == 400 and says in e.value.message, (path, body, e.value.message)
+        with pytest.raises(openai.NotFoundError):
+            await root.post("/tokenize", body={"model": "ghost", "prompt": "x"}, cast_to=object)
+
+    run(main())
+
+
+@pytest.mark.parametrize("field, value", [
+    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "required"), ("structured_outputs", {"json": {}}),
+    ("guided_json", {"type": "object"}), ("use_beam_search", True), ("min_tokens", 3), ("prompt_logprobs", 1),
+    ("chat_template", "{{ messages }}"), ("chat_template_kwargs", {"x": 1}), ("echo", True), ("store", True),
+    ("modalities", ["text", "audio"]), ("bad_words", ["x"]), ("skip_special_tokens", False)])
+def test_a_schema_field_not_served_is_a_400_naming_it(api, field, value):
+    """Never silently ignored: OpenAI's and vLLM's fields that loraplex does not serve are refused, naming the
+    field, unless they are sent with the value that asks for nothing; unknown fields are ignored (OpenAI's way)."""
+    async def main():
+        c = api.openai()
+        with pytest.raises(openai.BadRequestError) as e:
+            await c.chat.completions.create(model=BASE, messages=MSG, max_tokens=2, extra_body={field: value})
+        assert e.value.body["param"] == field and f"`{field}` is not supported" in e.value.body["message"]
+
+    run(main())
+
+
+def test_neutral_values_of_unserved_fields_and_unknown_fields_pass(api):
+    async def main():
+        c = api.openai()
+        r = await c.chat.completions.create(
+            model=BASE, messages=MSG, max_tokens=2, temperature=0, response_format={"type": "text"}, tools=[],
+            tool_choice="none", parallel_tool_calls=False, metadata={"k": "v"}, store=False, service_tier="auto",
+            logit_bias={}, extra_body={"use_beam_search": False, "min_tokens": 0, "length_penalty": 1.0,
+                                       "skip_special_tokens": True, "a_field_nobody_defined": {"x": 1}})
+        assert r.choices[0].message.content
+        for field, value in (("suffix", "tail"), ("best_of", 2), ("tools", [{}])):
+            if field == "tools":  # (a chat field: in a completion body it is simply unknown)
+                r = await c.completions.create(model=BASE, prompt="x", max_tokens=1, extra_body={field: value})
+                assert r.choices[0].text is not None
+                continue
+            with pytest.raises(openai.BadRequestError) as e:
+                await c.completions.create(model=BASE, prompt="x", max_tokens=1, extra_body={field: value})
+            assert e.value.body["param"] == field
+        with pytest.raises(openai.BadRequestError, match="length_penalty"):  # 1 and 1.0 pass; True is not 1
+            await c.chat.completions.create(model=BASE, messages=MSG, max_tokens=2,
+                                            extra_body={"length_penalty": True})
+
+    run(main())
+
+
+def test_logit_bias_forces_and_bans_tokens(api):
+    """OpenAI's logit_bias: +100 on a token makes greedy decoding pick it, -100 bans the token it would pick;
+    ids outside the vocabulary, keys that are not ids, biases outside [-100, 100] and too many entries are 400s."""
+    async def main():
+        c = api.openai()
+        plain = await c.completions.create(model="helper", prompt="hello", max_tokens=8, temperature=0)
+        forced = await c.completions.create(model="helper", prompt="hello", max_tokens=8, temperature=0,
+                                            logit_bias={str(ord("q")): 100})
+        assert forced.choices[0].text == "q" * 8 != plain.choices[0].text
+        first = plain.choices[0].text[0]
+        banned = await c.completions.create(model="helper", prompt="hello", max_tokens=1, temperature=0,
+                                            logit_bias={str(ord(first)): -100})
+        assert banned.choices[0].text != first
+        chat = await c.chat.completions.create(model=BASE, messages=MSG, max_tokens=3, temperature=0,
+                                               logit_bias={str(ord("z")): 100})
+        assert chat.choices[0].message.content == "zzz"
+        for bias, says in (({"300": 5}, "logit_bias token ids"), ({"abc": 5}, "token ids"), ({"-1": 5}, "token ids"),
+                           ({"5": 101}, "logit_bias"),
+                           ({"7": 1, "07": 2}, "distinct"), ({str(i): 1 for i in range(1025)}, "logit_bias")):
+            with pytest.raises(openai.BadRequestError) as e:
+                await c.completions.create(model=BASE, prompt="x", max_tokens=1, logit_bias=bias)
+            assert says in e.value.message, (bias if len(bias) < 5 else len(bias), e.value.message)
+        async with api.client() as raw:  # (the openai client refuses to send NaN)
+            r = await raw.post("/v1/completions", content=b'{"model": "base", "prompt": "x", "logit_bias": {"5": NaN}}',
+                               headers={"content-type": "application/json"})
+            assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"]
+
+    run(main())

@@ -88,7 +88,19 @@ def _unpin(name):
     return "POST", f"/v1/adapters/{name}/unpin", None
 
 
-ENDPOINTS = {"chat": _chat, "chat stream": _chat_stream, "completion": _completion, "mixture member": _mixture,
+def _tokenize(name):
+    return "POST", "/tokenize", {"model": name, "prompt": "x"}
+
+
+def _tokenize_chat(name):
+    return "POST", "/tokenize", {"model": name, "messages": MSG}
+
+
+def _detokenize(name):
+    return "POST", "/detokenize", {"model": name, "tokens": [104, 105]}
+
+
+ENDPOINTS = {"tokenize": _tokenize, "tokenize chat": _tokenize_chat, "detokenize": _detokenize, "chat": _chat, "chat stream": _chat_stream, "completion": _completion, "mixture member": _mixture,
              "completion mixture member": _completion_mixture, "merge member": _merge, "pin": _pin, "unpin": _unpin}
 CASES = [(e, n) for e in ENDPOINTS for n in NAMES if not (e in ("pin", "unpin") and n.startswith("base"))]
 

@@ -372,3 +372,37 @@ def test_prefix_cache_is_per_version_and_per_salt(client, world):
     assert ask("helper@1", "tenant-a")[1] >= 16
     assert ask("helper@1", "tenant-b")[1] == 0
     assert ask("helper@2")[0] == v2
+
+
+def test_tokenize_and_detokenize_agree_with_generation(client, world):
+    """/tokenize and /detokenize on both engines: the base's tokenizer (an adapter's name accepted), the chat
+    prompt's count equal to what generation reports as prompt tokens, ids out of the vocabulary a 400."""
+    root = client.with_options(base_url=client.base_url.copy_with(path="/"))
+    chat = root.post("/tokenize", body={"model": "helper@1", "messages": MSG, "return_token_strs": True},
+                     cast_to=object)
+    r = client.chat.completions.create(model="helper@1", messages=MSG, max_tokens=1, temperature=0)
+    assert chat["count"] == len(chat["tokens"]) == r.usage.prompt_tokens and chat["max_model_len"] == 256
+    assert len(chat["token_strs"]) == chat["count"]
+    plain = root.post("/tokenize", body={"prompt": "w5 w6 w7", "add_special_tokens": False}, cast_to=object)
+    r = client.completions.create(model=BASE, prompt="w5 w6 w7", max_tokens=1, temperature=0)
+    assert plain["count"] == r.usage.prompt_tokens
+    assert root.post("/detokenize", body={"model": "other", "tokens": plain["tokens"]}, cast_to=object) == \
+        {"prompt": "w5 w6 w7"}
+    with pytest.raises(openai.BadRequestError, match="not in the vocabulary"):
+        root.post("/detokenize", body={"tokens": [10**9]}, cast_to=object)
+    with pytest.raises(openai.NotFoundError):
+        root.post("/tokenize", body={"model": "ghost", "prompt": "x"}, cast_to=object)
+
+
+def test_logit_bias_on_both_engines(client):
+    """+100 on one token: greedy decoding writes only it, with or without an adapter; an id outside the
+    vocabulary is a 400 before anything runs."""
+    plain = client.completions.create(model="helper", prompt="w5 w6 w7", max_tokens=4, temperature=0,
+                                      logprobs=1)
+    forced_id = 17 if plain.choices[0].logprobs.tokens[0] != "w17" else 18
+    for model in (BASE, "helper"):
+        r = client.completions.create(model=model, prompt="w5 w6 w7", max_tokens=4, temperature=0,
+                                      logit_bias={str(forced_id): 100}, logprobs=0)
+        assert len(set(r.choices[0].logprobs.tokens)) == 1 and r.usage.completion_tokens == 4, r.choices[0]
+    with pytest.raises(openai.BadRequestError, match="logit_bias token ids"):
+        client.completions.create(model=BASE, prompt="x", max_tokens=1, logit_bias={str(10**6): 5})

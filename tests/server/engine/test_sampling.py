@@ -51,6 +51,9 @@ def _from_probs(probs: list[float]) -> torch.Tensor:
     ("frequency_penalty", 2.5), ("frequency_penalty", -3),
     ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", math.inf),
     ("logprobs", -1), ("logprobs", 21), ("logprobs", 2.0),
+    ("logit_bias", ((1, 101.0),)), ("logit_bias", ((1, math.nan),)), ("logit_bias", ((-1, 1.0),)),
+    ("logit_bias", ((1, 1.0), (1, 2.0))), ("logit_bias", ((1,),)), ("logit_bias", ((True, 1.0),)),
+    ("logit_bias", tuple((i, 1.0) for i in range(1025))),
 ])
 def test_invalid_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"^{field} must be ") as info:
@@ -326,3 +329,20 @@ def test_temperature_one_follows_the_distribution_seeded():
     params = [SamplingParams(seed=2024)]
     tokens = [_run(sampler, logits, params, [gen]).token_ids.item() for _ in range(2000)]
     assert _chi_square(tokens) < 25
+
+
+def test_logit_bias_moves_only_its_rows_and_leaves_logprobs_raw():
+    """+100 forces the token in greedy and sampled rows, -100 bans the argmax; rows without a bias are unchanged;
+    the reported logprobs stay the raw model's (as OpenAI's: the bias is a knob, not the model)."""
+    logits = _logits(4)
+    top = int(logits[1].argmax())
+    params = [SamplingParams(temperature=0, logit_bias=((7, 100.0),), logprobs=0),
+              SamplingParams(temperature=0, logit_bias=((top, -100.0),)),
+              SamplingParams(temperature=0.8, seed=3, logit_bias=((9, 100.0),)),
+              SamplingParams(temperature=0, logprobs=0)]
+    out = _run(Sampler(seed=0), logits, params, gens=[None, None, make_generator(3), None])
+    tokens = out.token_ids.tolist()
+    assert tokens[0] == 7 and tokens[2] == 9 and tokens[3] == int(logits[3].argmax())
+    assert tokens[1] != top and tokens[1] == int(logits[1].topk(2).indices[1])
+    raw = torch.log_softmax(logits.float(), dim=1)
+    assert out.logprobs[0].item() == pytest.approx(raw[0, 7].item(), abs=1e-5)
