@@ -12,7 +12,7 @@ from starlette.background import BackgroundTask
 
 from . import responses
 from .auth import INFERENCE
-from .generation import ClientGone, generate_all, raise_error, record, sse_stream
+from .generation import ClientGone, choices, generate_all, raise_error, record, sse_stream
 from .schemas import ChatCompletionRequest
 from .state import ApiState, api_state
 
@@ -22,15 +22,15 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def chat(req: ChatCompletionRequest, request: Request, st: ApiState = Depends(api_state)):
     who = st.principal(request, INFERENCE)
-    st.admission.check_key(who)
+    st.admission.check_key(who, req.n)
     user = request.headers.get("x-loraplex-user") or req.user
     served = await st.resolve(req, user, who)
     backend, limits = st.backend, st.limits
     prompt = await st.off_loop(backend.chat_prompt, [m.as_template_input() for m in req.messages])
     max_tokens = min(req.max_completion_tokens or req.max_tokens or limits.max_tokens, limits.max_tokens)
-    params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None, who)
+    params = choices(req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None, who), req.n)
     tok = backend.token_text if req.logprobs else None
-    ticket = st.admission.admit(adapter=served.label, version=served.version, who=who)
+    ticket = st.admission.admit(req.n, adapter=served.label, version=served.version, who=who)
     rid, created, started = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), time.monotonic()
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -45,8 +45,9 @@ async def chat(req: ChatCompletionRequest, request: Request, st: ApiState = Depe
         return Response(status_code=499)
     finally:
         ticket.release()
-    raise_error(outs[-1])
-    record(st.metrics, served, outs, started, None, [], "ok")
+    raise_error(outs)
+    for choice in outs:
+        record(st.metrics, served, choice, started, None, [], "ok")
     body = responses.chat_body(rid, created, served, outs, None) if tok is None \
         else await st.off_loop(responses.chat_body, rid, created, served, outs, tok)
     return JSONResponse(body, headers=responses.headers(served))

@@ -15,7 +15,7 @@ from loraplex.adapters.errors import InvalidAdapterError
 
 from . import responses
 from .auth import INFERENCE
-from .generation import ClientGone, generate_all, raise_error, record, sse_stream
+from .generation import ClientGone, choices, generate_all, raise_error, record, sse_stream
 from .schemas import CompletionRequest
 from .state import ApiState, api_state
 
@@ -28,14 +28,14 @@ async def completions(req: CompletionRequest, request: Request, st: ApiState = D
     if req.echo:
         raise InvalidAdapterError("echo is not supported")
     prompts = req.prompts()
-    st.admission.check_key(who, len(prompts))
+    st.admission.check_key(who, len(prompts) * req.n)
     user = request.headers.get("x-loraplex-user") or req.user
     served = await st.resolve(req, user, who)
     backend, limits = st.backend, st.limits
-    params = req.sampling(min(req.max_tokens or 16, limits.max_tokens), req.logprobs, who)
+    params = choices(req.sampling(min(req.max_tokens or 16, limits.max_tokens), req.logprobs, who), req.n)
     if req.stream and len(prompts) != 1:
         raise InvalidAdapterError("streaming takes one prompt per request")
-    ticket = st.admission.admit(len(prompts), adapter=served.label, version=served.version, who=who)
+    ticket = st.admission.admit(len(prompts) * req.n, adapter=served.label, version=served.version, who=who)
     rid, created, started = f"cmpl-{uuid.uuid4().hex}", int(time.time()), time.monotonic()
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -51,9 +51,11 @@ async def completions(req: CompletionRequest, request: Request, st: ApiState = D
         return Response(status_code=499)
     finally:
         ticket.release()
-    for outs in results:
-        raise_error(outs[-1])
-        record(st.metrics, served, outs, started, None, [], "ok")
+    for per_prompt in results:
+        raise_error(per_prompt)
+    for per_prompt in results:
+        for outs in per_prompt:
+            record(st.metrics, served, outs, started, None, [], "ok")
     if req.logprobs is None:
         body = responses.completion_body(rid, created, served, results, None)
     else:

@@ -42,11 +42,6 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def usage_of(out: RequestOutput) -> dict:
-    """Usage from a request's last output (it carries the totals)."""
-    return usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
-
-
 # ---- logprobs --------------------------------------------------------------------------------------------
 def chat_logprobs(outs: list[RequestOutput], tok: TokenText) -> list[dict]:
     """Chat's ``logprobs.content``: one entry per token, with its top alternatives."""
@@ -74,28 +69,37 @@ def completion_logprobs(outs: list[RequestOutput], tok: TokenText) -> dict:
 
 
 # ---- whole bodies ----------------------------------------------------------------------------------------
-def chat_body(rid: str, created: int, served: Served, outs: list[RequestOutput], tok: TokenText | None) -> dict:
-    """A ``chat.completion`` from a finished request's outputs; ``tok`` given: with logprobs."""
-    last = outs[-1]
-    choice = {"index": 0, "message": {"role": "assistant", "content": "".join(o.new_text for o in outs)},
-              "logprobs": {"content": chat_logprobs(outs, tok)} if tok is not None else None,
-              "finish_reason": last.finish_reason}
+def usage_of_choices(lasts: list[RequestOutput]) -> dict:
+    """Usage of one prompt's choices (their last outputs): the prompt counted once, every choice's tokens."""
+    return usage(lasts[0].prompt_tokens, sum(o.completion_tokens for o in lasts), lasts[0].cached_tokens)
+
+
+def chat_body(rid: str, created: int, served: Served, choices: list[list[RequestOutput]],
+              tok: TokenText | None) -> dict:
+    """A ``chat.completion`` from each finished choice's outputs; ``tok`` given: with logprobs."""
+    out = []
+    for i, outs in enumerate(choices):
+        out.append({"index": i, "message": {"role": "assistant", "content": "".join(o.new_text for o in outs)},
+                    "logprobs": {"content": chat_logprobs(outs, tok)} if tok is not None else None,
+                    "finish_reason": outs[-1].finish_reason})
     return {"id": rid, "object": "chat.completion", "created": created, "model": served.display,
-            "choices": [choice], "usage": usage_of(last)}
+            "choices": out, "usage": usage_of_choices([c[-1] for c in choices])}
 
 
-def completion_body(rid: str, created: int, served: Served, results: list[list[RequestOutput]],
+def completion_body(rid: str, created: int, served: Served, results: list[list[list[RequestOutput]]],
                     tok: TokenText | None) -> dict:
-    """A ``text_completion`` with one choice per prompt; ``tok`` given: with logprobs."""
+    """A ``text_completion`` with the choices of each prompt in turn (prompt p's choice i at index p * n + i, as
+    OpenAI orders them); ``tok`` given: with logprobs."""
     choices, prompt_tokens, completion_tokens, cached_tokens = [], 0, 0, 0
-    for i, outs in enumerate(results):
-        last = outs[-1]
-        prompt_tokens += last.prompt_tokens
-        cached_tokens += last.cached_tokens
-        completion_tokens += last.completion_tokens
-        choices.append({"index": i, "text": "".join(o.new_text for o in outs),
-                        "logprobs": completion_logprobs(outs, tok) if tok is not None else None,
-                        "finish_reason": last.finish_reason})
+    for per_prompt in results:
+        u = usage_of_choices([c[-1] for c in per_prompt])
+        prompt_tokens += u["prompt_tokens"]
+        cached_tokens += u["prompt_tokens_details"]["cached_tokens"]
+        completion_tokens += u["completion_tokens"]
+        for outs in per_prompt:
+            choices.append({"index": len(choices), "text": "".join(o.new_text for o in outs),
+                            "logprobs": completion_logprobs(outs, tok) if tok is not None else None,
+                            "finish_reason": outs[-1].finish_reason})
     return {"id": rid, "object": "text_completion", "created": created, "model": served.display,
             "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
@@ -108,18 +112,18 @@ class ChatChunks:
         self.base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.display}
         self.tok = tok  # set when the request asked for logprobs
 
-    def head(self) -> dict | None:
-        return {**self.base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+    def head(self, index: int = 0) -> dict | None:
+        return {**self.base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}]}
 
-    def piece(self, out: RequestOutput) -> dict:
-        choice = {"index": 0, "delta": {"content": out.new_text} if out.new_text or not out.finished else {},
+    def piece(self, out: RequestOutput, index: int = 0) -> dict:
+        choice = {"index": index, "delta": {"content": out.new_text} if out.new_text or not out.finished else {},
                   "logprobs": {"content": chat_logprobs([out], self.tok)} if self.tok is not None else None,
                   "finish_reason": out.finish_reason if out.finished else None}
         return {**self.base, "choices": [choice]}
 
-    def usage(self, last: RequestOutput) -> dict:
-        return {**self.base, "choices": [], "usage": usage_of(last)}
+    def usage(self, lasts: list[RequestOutput]) -> dict:
+        return {**self.base, "choices": [], "usage": usage_of_choices(lasts)}
 
 
 class CompletionChunks(ChatChunks):
@@ -129,9 +133,9 @@ class CompletionChunks(ChatChunks):
         self.base = {"id": rid, "object": "text_completion", "created": created, "model": served.display}
         self.tok = None
 
-    def head(self) -> dict | None:
+    def head(self, index: int = 0) -> dict | None:
         return None
 
-    def piece(self, out: RequestOutput) -> dict:
-        return {**self.base, "choices": [{"index": 0, "text": out.new_text, "logprobs": None,
+    def piece(self, out: RequestOutput, index: int = 0) -> dict:
+        return {**self.base, "choices": [{"index": index, "text": out.new_text, "logprobs": None,
                                           "finish_reason": out.finish_reason if out.finished else None}]}

@@ -15,6 +15,7 @@ from .auth import Principal
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
 StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+MAX_CHOICES = 16  # n: each choice is a generation (admission counts it as one request)
 MAX_CLIENT_SALT = 256  # a request's cache_salt; the engine's salt adds the API key's name to it
 MAX_MERGE_RANK = 1024  # svd_rank's ceiling here; the engine also holds it to its max_lora_rank
 
@@ -47,7 +48,7 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKEN_ID)
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-    n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="choices to generate for each prompt")
     stop: StopText | list[StopText] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -10,7 +10,7 @@ import sys
 
 import openai
 import pytest
-from scripted_world import ACME_KEY, ADMIN_KEY, MSG, make_api, run, world  # noqa: F401  (the module fixture)
+from scripted_world import ACME_KEY, ADMIN_KEY, LIMITED_KEY, MSG, make_api, run, world  # noqa: F401  (the module fixture)
 
 from loraplex.server.api.app import RequestLimits
 
@@ -348,5 +348,53 @@ def test_logit_bias_forces_and_bans_tokens(api):
             r = await raw.post("/v1/completions", content=b'{"model": "base", "prompt": "x", "logit_bias": {"5": NaN}}',
                                headers={"content-type": "application/json"})
             assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"]
+
+    run(main())
+
+
+def test_n_choices_seeded_streamed_and_counted(api):
+    """n choices of one prompt: seeded choices differ from each other and repeat exactly; greedy ones agree; the
+    stream carries every choice under its index (the same texts as the whole body); usage counts the prompt once;
+    completions order prompt p's choice i at p * n + i; choice 0 starts first (its prompt then cached)."""
+    async def main():
+        c = api.openai()
+        kw = dict(model="helper", messages=MSG, max_tokens=6, temperature=0.9, seed=11, n=3)
+        r = await c.chat.completions.create(**kw)
+        texts = [ch.message.content for ch in r.choices]
+        assert [ch.index for ch in r.choices] == [0, 1, 2] and len(set(texts)) == 3
+        assert [ch.message.content for ch in (await c.chat.completions.create(**kw)).choices] == texts
+        one = await c.chat.completions.create(**{**kw, "n": 1})
+        assert one.choices[0].message.content == texts[0]  # choice 0 samples with the request's own seed
+        assert r.usage.prompt_tokens == one.usage.prompt_tokens and r.usage.completion_tokens == 18
+        started = len(api.backend.started)
+        streamed: dict[int, str] = {}
+        last = None
+        async for chunk in await c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+            for ch in chunk.choices:
+                streamed[ch.index] = streamed.get(ch.index, "") + (ch.delta.content or "")
+            last = chunk
+        assert [streamed[i] for i in range(3)] == texts and last.usage.completion_tokens == 18
+        assert api.backend.started[started].endswith("-0")
+        greedy = await c.chat.completions.create(model=BASE, messages=MSG, max_tokens=4, temperature=0, n=2)
+        assert greedy.choices[0].message.content == greedy.choices[1].message.content
+        comp = await c.completions.create(model=BASE, prompt=["ab", "cd"], max_tokens=3, temperature=0.5, seed=1, n=2)
+        assert [ch.index for ch in comp.choices] == [0, 1, 2, 3]
+        alone = await c.completions.create(model=BASE, prompt="cd", max_tokens=3, temperature=0.5, seed=1)
+        assert comp.choices[2].text == alone.choices[0].text and comp.usage.prompt_tokens == 4
+        with pytest.raises(openai.BadRequestError, match="n"):
+            await c.chat.completions.create(model=BASE, messages=MSG, max_tokens=1, n=17)
+
+    run(main())
+
+
+def test_n_choices_count_against_a_keys_concurrency(world):  # noqa: F811
+    api = make_api(world, keyed=True)
+
+    async def main():
+        c = api.openai(LIMITED_KEY)  # at most 2 generations in flight
+        with pytest.raises(openai.RateLimitError):
+            await c.chat.completions.create(model="acme-bot", messages=MSG, max_tokens=1, n=3)
+        r = await c.chat.completions.create(model="acme-bot", messages=MSG, max_tokens=1, n=2)
+        assert len(r.choices) == 2
 
     run(main())

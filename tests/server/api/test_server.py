@@ -406,3 +406,18 @@ def test_logit_bias_on_both_engines(client):
         assert len(set(r.choices[0].logprobs.tokens)) == 1 and r.usage.completion_tokens == 4, r.choices[0]
     with pytest.raises(openai.BadRequestError, match="logit_bias token ids"):
         client.completions.create(model=BASE, prompt="x", max_tokens=1, logit_bias={str(10**6): 5})
+
+
+def test_n_seeded_choices_on_both_engines(client):
+    """n=3 with a seed: three different choices, the same three again, streamed under their indices."""
+    kw = dict(model="helper@1", messages=MSG, max_tokens=6, temperature=1.0, seed=5, n=3)
+    r = client.chat.completions.create(**kw)
+    texts = [c.message.content for c in r.choices]
+    assert [c.index for c in r.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert [c.message.content for c in client.chat.completions.create(**kw).choices] == texts
+    assert 3 <= r.usage.completion_tokens <= 18  # every choice's tokens (EOS may end one early)
+    streamed = {}
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
