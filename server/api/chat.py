@@ -48,6 +48,7 @@ async def chat(req: ChatCompletionRequest, request: Request, st: ApiState = Depe
     raise_error(outs)
     for choice in outs:
         record(st.metrics, served, choice, started, None, [], "ok")
-    body = responses.chat_body(rid, created, served, outs, None) if tok is None \
-        else await st.off_loop(responses.chat_body, rid, created, served, outs, tok)
+    prompt_tok = backend.token_text if req.prompt_logprobs is not None else None
+    body = responses.chat_body(rid, created, served, outs, None) if tok is None and prompt_tok is None \
+        else await st.off_loop(responses.chat_body, rid, created, served, outs, tok, prompt_tok)
     return JSONResponse(body, headers=responses.headers(served))

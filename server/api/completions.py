@@ -25,14 +25,19 @@ router = APIRouter()
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request, st: ApiState = Depends(api_state)):
     who = st.principal(request, INFERENCE)
-    if req.echo:
-        raise InvalidAdapterError("echo is not supported")
+    if req.echo and req.stream:
+        raise InvalidAdapterError("echo is served on whole responses, not streamed ones")
     prompts = req.prompts()
     st.admission.check_key(who, len(prompts) * req.n)
     user = request.headers.get("x-loraplex-user") or req.user
     served = await st.resolve(req, user, who)
     backend, limits = st.backend, st.limits
-    params = choices(req.sampling(min(req.max_tokens or 16, limits.max_tokens), req.logprobs, who), req.n)
+    score_only = req.max_tokens == 0  # (with echo: the prompt's logprobs; one token is generated, then dropped)
+    max_tokens = 1 if score_only else min(req.max_tokens or 16, limits.max_tokens)
+    scored = req.logprobs if req.echo and req.logprobs is not None else None  # the prompt's logprobs, echoed
+    if req.prompt_logprobs is not None:
+        scored = max(scored or 0, req.prompt_logprobs)
+    params = choices(req.sampling(max_tokens, req.logprobs, who, prompt_logprobs=scored), req.n)
     if req.stream and len(prompts) != 1:
         raise InvalidAdapterError("streaming takes one prompt per request")
     ticket = st.admission.admit(len(prompts) * req.n, adapter=served.label, version=served.version, who=who)
@@ -56,8 +61,12 @@ async def completions(req: CompletionRequest, request: Request, st: ApiState = D
     for per_prompt in results:
         for outs in per_prompt:
             record(st.metrics, served, outs, started, None, [], "ok")
-    if req.logprobs is None:
-        body = responses.completion_body(rid, created, served, results, None)
-    else:
-        body = await st.off_loop(responses.completion_body, rid, created, served, results, backend.token_text)
+    echo = None
+    if req.echo:
+        echo = [p if isinstance(p, str) else await st.off_loop(backend.detokenize, p) for p in prompts]
+    tok = backend.token_text if req.logprobs is not None else None
+    prompt_tok = backend.token_text if req.prompt_logprobs is not None else None
+    body = responses.completion_body(rid, created, served, results, None, echo, score_only) \
+        if tok is None and prompt_tok is None else \
+        await st.off_loop(responses.completion_body, rid, created, served, results, tok, echo, score_only, prompt_tok)
     return JSONResponse(body, headers=responses.headers(served))

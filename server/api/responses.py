@@ -75,31 +75,64 @@ def usage_of_choices(lasts: list[RequestOutput]) -> dict:
 
 
 def chat_body(rid: str, created: int, served: Served, choices: list[list[RequestOutput]],
-              tok: TokenText | None) -> dict:
-    """A ``chat.completion`` from each finished choice's outputs; ``tok`` given: with logprobs."""
+              tok: TokenText | None, prompt_tok: TokenText | None = None) -> dict:
+    """A ``chat.completion`` from each finished choice's outputs; ``tok`` given: with logprobs; ``prompt_tok``
+    given: with vLLM's ``prompt_logprobs`` (of the templated prompt)."""
     out = []
     for i, outs in enumerate(choices):
         out.append({"index": i, "message": {"role": "assistant", "content": "".join(o.new_text for o in outs)},
                     "logprobs": {"content": chat_logprobs(outs, tok)} if tok is not None else None,
                     "finish_reason": outs[-1].finish_reason})
-    return {"id": rid, "object": "chat.completion", "created": created, "model": served.display,
+    body = {"id": rid, "object": "chat.completion", "created": created, "model": served.display,
             "choices": out, "usage": usage_of_choices([c[-1] for c in choices])}
+    if prompt_tok is not None:
+        body["prompt_logprobs"] = vllm_prompt_logprobs(choices[0][0], prompt_tok)
+    return body
+
+
+def vllm_prompt_logprobs(first: RequestOutput, tok: TokenText) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs``: None for the first prompt token, then per token a map of token id to its
+    logprob, rank and text, holding the prompt's token and the most likely alternatives asked for."""
+    items: list[dict | None] = [None]
+    for tid, (lp, rank, top) in zip(first.prompt_token_ids[1:], first.prompt_logprobs):
+        entry = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": tok(t)} for r, (t, v) in enumerate(top)}
+        entry[str(tid)] = {"logprob": lp, "rank": rank, "decoded_token": tok(tid)}
+        items.append(entry)
+    return items
 
 
 def completion_body(rid: str, created: int, served: Served, results: list[list[list[RequestOutput]]],
-                    tok: TokenText | None) -> dict:
+                    tok: TokenText | None, echo: list[str] | None = None, score_only: bool = False,
+                    prompt_tok: TokenText | None = None) -> dict:
     """A ``text_completion`` with the choices of each prompt in turn (prompt p's choice i at index p * n + i, as
-    OpenAI orders them); ``tok`` given: with logprobs."""
+    OpenAI orders them); ``tok`` given: with logprobs. ``echo``: each prompt's text, put before its choices' text
+    (and, with logprobs, its tokens first: the first with a null logprob, as OpenAI did); ``score_only``
+    (``max_tokens`` 0): the prompt alone, the one token generated for it dropped. ``prompt_tok`` given: vLLM's
+    ``prompt_logprobs`` on each choice."""
     choices, prompt_tokens, completion_tokens, cached_tokens = [], 0, 0, 0
-    for per_prompt in results:
+    for p, per_prompt in enumerate(results):
         u = usage_of_choices([c[-1] for c in per_prompt])
         prompt_tokens += u["prompt_tokens"]
         cached_tokens += u["prompt_tokens_details"]["cached_tokens"]
-        completion_tokens += u["completion_tokens"]
+        completion_tokens += 0 if score_only else u["completion_tokens"]
         for outs in per_prompt:
-            choices.append({"index": len(choices), "text": "".join(o.new_text for o in outs),
-                            "logprobs": completion_logprobs(outs, tok) if tok is not None else None,
-                            "finish_reason": outs[-1].finish_reason})
+            text = "" if score_only else "".join(o.new_text for o in outs)
+            logprobs = None
+            if tok is not None:
+                logprobs = completion_logprobs([] if score_only else outs, tok)
+                if echo is not None:
+                    first = outs[0]
+                    logprobs = {
+                        "tokens": [tok(t) for t in first.prompt_token_ids] + logprobs["tokens"],
+                        "token_logprobs": [None] + [lp for lp, _, _ in first.prompt_logprobs]
+                        + logprobs["token_logprobs"],
+                        "top_logprobs": [None] + [{tok(t): v for t, v in top} for _, _, top in first.prompt_logprobs]
+                        + logprobs["top_logprobs"], "text_offset": None}
+            choice = {"index": len(choices), "text": (echo[p] if echo is not None else "") + text,
+                      "logprobs": logprobs, "finish_reason": "length" if score_only else outs[-1].finish_reason}
+            if prompt_tok is not None:
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(outs[0], prompt_tok)
+            choices.append(choice)
     return {"id": rid, "object": "text_completion", "created": created, "model": served.display,
             "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 

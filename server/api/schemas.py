@@ -63,6 +63,8 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CLIENT_SALT)
+    # vLLM's: each prompt token's logprob, with this many alternatives (lm-evaluation-harness style scoring)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
     # OpenAI's: token id (as a string, as JSON object keys are) -> bias added to its logit
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = \
         Field(default=None, max_length=MAX_LOGIT_BIAS)
@@ -101,7 +103,8 @@ class _Common(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         return v
 
-    def sampling(self, max_tokens: int, logprobs: int | None, who: Principal) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: int | None, who: Principal,
+                 prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's parameters, with the prefix-cache salt of the key ``who`` (``Principal.cache_salt``)."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
@@ -112,6 +115,7 @@ class _Common(BaseModel):
             repetition_penalty=self.repetition_penalty or 1.0, logprobs=logprobs,
             cache_salt=who.cache_salt(self.cache_salt),
             logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
         )
 
 
@@ -146,9 +150,15 @@ class ChatCompletionRequest(_Common):
 class CompletionRequest(_Common):
     UNSERVED: ClassVar[dict[str, tuple]] = unserved.COMPLETION
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKEN_ID)
+    max_tokens: int | None = Field(default=16, ge=0, le=MAX_TOKEN_ID)  # 0: score the prompt (with echo)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
+
+    @model_validator(mode="after")
+    def _score_only(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it scores the prompt, with echo true")
+        return self
 
     @field_validator("prompt")
     @classmethod

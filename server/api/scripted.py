@@ -100,6 +100,18 @@ class ScriptedBackend:
         ranked = [(ALPHABET[i], -0.1 - 0.25 * rank) for rank, i in enumerate(order)]
         return ranked[0][0], ranked[0][1], ranked
 
+    def _score(self, ids: list[int], mix, k: int) -> list[tuple[float, int, list[tuple[int, float]]]]:
+        """Prompt logprobs: token j + 1 scored by the ranked alphabet the prompt's first j + 1 tokens name (a
+        token outside the alphabet: logprob -10, ranked after it), with the k best alternatives."""
+        out = []
+        for j in range(len(ids) - 1):
+            _, _, ranked = self._next(json.dumps([ids[:j + 1], mix, None]).encode(), 0)
+            values = dict(ranked)
+            tid = ids[j + 1]
+            rank = next((r + 1 for r, (t, _) in enumerate(ranked) if t == tid), len(ranked) + 1)
+            out.append((values.get(tid, -10.0), rank, ranked[:k]))
+        return out
+
     # ---- generation -----------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams, adapters: list[tuple[str, float]],
                        request_id: str) -> AsyncIterator[RequestOutput]:
@@ -118,6 +130,7 @@ class ScriptedBackend:
         out_ids: list[int] = []
         lps: list[float] = []
         tops: list[list[tuple[int, float]]] = []
+        scored = self._score(ids, mix, params.prompt_logprobs) if params.prompt_logprobs is not None else None
         emitted = emitted_tokens = 0
         reason: str | None = None
         self.started.append(request_id)
@@ -167,7 +180,9 @@ class ScriptedBackend:
                     self.finished.append(request_id)
                 yield RequestOutput(request_id, new_ids, new_text, lps[first:],
                                     tops[first:] if params.logprobs is not None else None, reason is not None,
-                                    reason, len(ids), len(out_ids), mix)
+                                    reason, len(ids), len(out_ids), mix, prompt_logprobs=scored,
+                                    prompt_token_ids=list(ids) if scored is not None else None)
+                scored = None  # (in the first output only)
         finally:
             if request_id not in self.running:
                 self.waiting -= 1

@@ -30,7 +30,7 @@ COMMON: dict[str, tuple] = {
     "guided_decoding_backend": _NONE, "guided_whitespace_pattern": _NONE, "use_beam_search": _FALSE,
     "length_penalty": _neutral(None, 1, 1.0), "include_stop_str_in_output": _FALSE, "min_tokens": _neutral(None, 0),
     "skip_special_tokens": _neutral(None, True), "spaces_between_special_tokens": _neutral(None, True),
-    "truncate_prompt_tokens": _NONE, "prompt_logprobs": _NONE, "allowed_token_ids": _NONE, "bad_words": _EMPTY,
+    "truncate_prompt_tokens": _NONE, "allowed_token_ids": _NONE, "bad_words": _EMPTY,
     "logits_processors": _EMPTY, "return_tokens_as_token_ids": _FALSE, "return_token_ids": _FALSE,
     "logprob_token_ids": _NONE, "vllm_xargs": _EMPTY, "kv_transfer_params": _NONE, "ec_transfer_params": _NONE,
     "priority": _neutral(None, 0), "thinking_token_budget": _NONE, "repetition_detection": _NONE,

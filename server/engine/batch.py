@@ -20,12 +20,14 @@ class Work:
     blocks: list[int]  # the sequence's block table: position p lives in blocks[p // block_size]
     lora: list[tuple[int, float]]  # (bank slot, weight); empty for the base model
     wants_logits: bool  # False for a prefill chunk that is not the prompt's last
+    scored: int = 0  # its first tokens whose next token's logprob is asked for (prompt logprobs)
 
 
 def build_step(work: list[Work], slot_ranks: dict[int, int], lora_dtype: torch.dtype, device,
-               block_size: int) -> tuple[StepBatch, list[int]]:
-    """The batch (decodes, i.e. single tokens past position 0, first; prefill chunks after), and the
-    indices into ``work`` of the rows of its logits, in order."""
+               block_size: int) -> tuple[StepBatch, list[int], list[int]]:
+    """The batch (decodes, i.e. single tokens past position 0, first; prefill chunks after); the indices into
+    ``work`` of its sampled logits rows, in order; then the indices of the works that score tokens, whose rows
+    (``scored`` each) follow the sampled ones in the same order."""
     is_decode = [len(w.tokens) == 1 and w.first_pos > 0 for w in work]
     # Decodes grouped by adapter slot (base first), so LoRA segments are contiguous rows.
     lora_key = lambda i: (work[i].lora[0][0] if len(work[i].lora) == 1 else -1 if not work[i].lora else 1 << 30)  # noqa: E731
@@ -34,6 +36,7 @@ def build_step(work: list[Work], slot_ranks: dict[int, int], lora_dtype: torch.d
     decodes = [work[i] for i in order if is_decode[i]]
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     ids, pos, mapping, chunks, logit_rows, lora_rows, sampled = [], [], [], [], [], [], []
+    score_rows, scoring = [], []
     for i in order:
         w = work[i]
         start = len(ids)
@@ -48,6 +51,9 @@ def build_step(work: list[Work], slot_ranks: dict[int, int], lora_dtype: torch.d
         if w.wants_logits:
             logit_rows.append(len(ids) - 1)
             sampled.append(i)
+        if w.scored:
+            score_rows.extend(range(start, start + w.scored))
+            scoring.append(i)
         if w.lora:
             lora_rows.append((start, len(w.tokens), w.lora))
     d = len(decodes)
@@ -61,7 +67,7 @@ def build_step(work: list[Work], slot_ranks: dict[int, int], lora_dtype: torch.d
     batch = StepBatch(
         input_ids=as_long(ids), positions=as_long(pos), slot_mapping=as_long(mapping), num_decode=d,
         decode_tables=as_long(tables).view(d, nb), decode_mask=mask, decode_lens=as_long(lens), prefills=tuple(chunks),
-        logit_rows=as_long(logit_rows),
+        logit_rows=as_long(logit_rows + score_rows),
         lora=LoraBatch.build(lora_rows, slot_ranks, lora_dtype, device) if lora_rows else None,
     )
-    return batch, sampled
+    return batch, sampled, scoring

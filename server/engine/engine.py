@@ -196,14 +196,20 @@ class Engine:
         work = []
         for s in plan:
             seq = s.seq
+            scored = 0
             if seq.prefilling:  # its prompt; after a preemption, its outputs too (computed again, not sampled)
                 tokens = seq.all_ids[seq.num_cached:seq.num_cached + s.num_tokens]
                 wants = seq.num_cached + s.num_tokens == seq.prefill_len and not seq.output_ids
+                if seq.params.prompt_logprobs is not None:  # positions whose next token is a prompt token
+                    scored = max(0, min(len(tokens), len(seq.prompt_ids) - 1 - seq.num_cached))
             else:
                 tokens, wants = [seq.all_ids[-1]], True
-            work.append(Work(tokens, seq.num_cached, seq.blocks, s.lora, wants))
-        batch, rows = build_step(work, self.bank.ranks, self.bank.dtype, self.device, self.cache.block_size)
+            work.append(Work(tokens, seq.num_cached, seq.blocks, s.lora, wants, scored))
+        batch, rows, scoring = build_step(work, self.bank.ranks, self.bank.dtype, self.device, self.cache.block_size)
         logits = self.decoder.forward(batch, self.cache, self.bank)
+        if scoring:
+            self._score(logits[len(rows):], [plan[i].seq for i in scoring], [work[i] for i in scoring])
+            logits = logits[:len(rows)]
         for s, w in zip(plan, work):
             s.seq.num_cached += len(w.tokens)
             self.scheduler.commit(s.seq)  # its newly full blocks become reusable
@@ -214,6 +220,29 @@ class Engine:
             for i, seq in enumerate(sampled):
                 top = out.top_logprobs[i] if out.top_logprobs is not None else None
                 outputs.append(self._append(seq, int(out.token_ids[i]), float(out.logprobs[i]), top))
+
+    @staticmethod
+    def _score(logits: torch.Tensor, seqs: list[Sequence], works: list[Work]) -> None:
+        """Prompt logprobs: row j of a work's rows (position first_pos + j) gives the logprob of the prompt token
+        after it, from the raw distribution (as the sampler's logprobs), its rank (1: the most likely) and the
+        ``prompt_logprobs`` most likely alternatives. A position already scored (a prompt computed again after a preemption) is skipped."""
+        at = 0
+        for seq, w in zip(seqs, works):
+            rows = logits[at:at + w.scored].float()  # [n, V]
+            at += w.scored
+            lp = rows.log_softmax(dim=1)
+            nxt = torch.tensor(seq.prompt_ids[w.first_pos + 1:w.first_pos + 1 + w.scored], device=lp.device)
+            picked = lp.gather(1, nxt.unsqueeze(1))  # [n, 1]
+            ranks = ((lp > picked).sum(dim=1) + 1).tolist()  # 1: the most likely token
+            chosen = picked.squeeze(1).tolist()
+            k = seq.params.prompt_logprobs
+            tops = [[] for _ in chosen]
+            if k:
+                vals, ids = lp.topk(k, dim=1)
+                tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+            for j in range(w.scored):
+                if w.first_pos + j == len(seq.prompt_logprobs):
+                    seq.prompt_logprobs.append((chosen[j], ranks[j], tops[j]))
 
     def _fail_step(self, exc: Exception, waiting: bool = False) -> list[RequestOutput]:
         """End every request this step held (running, or admitted by the failed plan; with ``waiting``, the
@@ -275,8 +304,17 @@ class Engine:
             seq.request_id, new_ids, new_text, seq.logprobs[first:],
             seq.top_logprobs[first:] if seq.params.logprobs is not None else None,
             done, seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids), seq.adapters,
-            cached_tokens=seq.cached_prompt,
+            cached_tokens=seq.cached_prompt, prompt_logprobs=self._prompt_logprobs(seq),
+            prompt_token_ids=list(seq.prompt_ids) if seq.params.prompt_logprobs is not None else None,
         )
+
+    @staticmethod
+    def _prompt_logprobs(seq: Sequence) -> list | None:
+        """The prompt's logprobs, once: in the first output of a request that asked for them."""
+        if seq.params.prompt_logprobs is None or seq.prompt_logprobs_sent:
+            return None
+        seq.prompt_logprobs_sent = True
+        return list(seq.prompt_logprobs)
 
     def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
         self._seqs.pop(seq.request_id, None)

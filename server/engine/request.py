@@ -65,6 +65,7 @@ class SamplingParams:
     logprobs: int | None = None
     cache_salt: str | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling), OpenAI's
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob (and this many alternatives)
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -100,6 +101,9 @@ class SamplingParams:
                 len(e) == 2 and _int(e[0]) and 0 <= e[0] <= MAX_TOKEN_ID and _num(e[1]) and -100 <= e[1] <= 100
                 for e in self.logit_bias) and len({e[0] for e in self.logit_bias}) == len(self.logit_bias),
              f"at most {MAX_LOGIT_BIAS} distinct token ids, each with a bias in [-100, 100]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or (_int(self.prompt_logprobs)
+                                                                 and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+             f"null or an integer in [0, {MAX_LOGPROBS}]"),
             ("cache_salt", self.cache_salt is None or (isinstance(self.cache_salt, str)
                                                        and 0 < len(self.cache_salt) <= MAX_CACHE_SALT),
              f"null or a non-empty string of at most {MAX_CACHE_SALT} characters"),
@@ -139,6 +143,10 @@ class RequestOutput:
     error: Exception | None = None
     arrived: float | None = None  # when the API received it (monotonic seconds), for latency metrics
     cached_tokens: int = 0  # prompt tokens read from the prefix cache, not computed (usage's cached_tokens)
+    # asked for (params.prompt_logprobs), in a request's first output: (logprob, rank, alternatives) of each
+    # prompt token but the first, which nothing precedes (rank 1: the most likely token there)
+    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]]] | None = None
+    prompt_token_ids: list[int] | None = None  # with prompt_logprobs: the prompt's tokens
 
 
 async def drain(queue) -> AsyncIterator[RequestOutput]:

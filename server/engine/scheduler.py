@@ -33,6 +33,7 @@ from .block_pool import BlockPool, block_hash, identity
 from .sequence import Sequence, Status
 
 
+SCORED_CHUNK = 256  # prompt tokens a step of a request that asked for prompt logprobs
 MAX_PREFIX_KEYS = 64  # adapters counted apart in the prefix cache statistics
 
 
@@ -105,12 +106,18 @@ class Scheduler:
         seq.blocks.extend(got)
         return True
 
+    def _chunk(self, seq: Sequence) -> int:
+        """The most prompt tokens ``seq`` computes in one step; a request scoring its prompt gets logits for each
+        (a [tokens, vocab] float32 block: 50 MB for 256 tokens of a 49k vocabulary), so at most SCORED_CHUNK."""
+        return self.config.prefill_chunk if seq.params.prompt_logprobs is None else \
+            min(self.config.prefill_chunk, SCORED_CHUNK)
+
     def _reuse(self, seq: Sequence, slots: list[int]) -> None:
         """A sequence about to be admitted: its identity, and the cached blocks its tokens start with (it then
         computes only what follows them). At least its last token is left to compute: it gives the logits."""
         seq.identity = identity([(self.adapters.slot_digest(s), w) for s, (_, w) in zip(slots, seq.adapters)],
                                 seq.params.cache_salt)
-        looked = seq.prefill_len - 1
+        looked = seq.prefill_len - 1 if seq.params.prompt_logprobs is None else 0  # (scoring computes every token)
         seq.blocks, seq.block_hashes = self.pool.match(seq.identity, seq.all_ids[:looked])
         seq.num_cached = len(seq.blocks) * self.pool.block_size
         if not seq.preemptions:
@@ -174,7 +181,7 @@ class Scheduler:
         budget = self.config.max_batched_tokens - sum(p.num_tokens for p in plan)
         for seq in list(self.running):
             if seq.status is Status.RUNNING and seq.prefilling and budget > 0:
-                n = min(seq.prefill_len - seq.num_cached, self.config.prefill_chunk, budget)
+                n = min(seq.prefill_len - seq.num_cached, self._chunk(seq), budget)
                 if self._room(seq, seq.num_cached + n, plan):
                     plan.append(Scheduled(seq, n, self._lora(seq)))
                     budget = self.config.max_batched_tokens - sum(p.num_tokens for p in plan)
@@ -183,7 +190,7 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_running or preempted:
                 break  # (after a preemption the pool is short: nobody new this step)
-            if self.pool.blocks_for(min(seq.prefill_len, self.config.prefill_chunk, budget)) > self.pool.free_blocks:
+            if self.pool.blocks_for(min(seq.prefill_len, self._chunk(seq), budget)) > self.pool.free_blocks:
                 break  # in arrival order: nobody overtakes a request waiting for blocks (checked again below)
             names = [name for name, _ in seq.adapters]
             try:
@@ -200,7 +207,7 @@ class Scheduler:
             if isinstance(slots, Wait):
                 continue
             self._reuse(seq, slots)
-            n = min(seq.prefill_len - seq.num_cached, self.config.prefill_chunk, budget)
+            n = min(seq.prefill_len - seq.num_cached, self._chunk(seq), budget)
             if not self._grow(seq, seq.num_cached + n):  # (reused blocks it held were free ones)
                 self._free_blocks(seq)
                 seq.num_cached = 0

@@ -40,6 +40,8 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     first_token_at: float | None = None
+    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]]] = field(default_factory=list)  # tokens 1...
+    prompt_logprobs_sent: bool = False
 
     @property
     def all_ids(self) -> list[int]:

@@ -258,7 +258,8 @@ class VllmBackend(TokenizerText):
 
         try:
             lora = self.catalog.lora_request(checked) if checked is not None else None
-            stream = OutputStream(request_id, len(ids), tuple((n, float(w)) for n, w in adapters), params.logprobs)
+            stream = OutputStream(request_id, len(ids), tuple((n, float(w)) for n, w in adapters), params.logprobs,
+                                  params.prompt_logprobs)
             self._loop.call_soon_threadsafe(self._start_pump, ids, params.cache_salt, to_vllm(params), lora, checked,
                                             request_id, stream, push)
         except BaseException as exc:

@@ -31,6 +31,7 @@ def to_vllm(params: SamplingParams):
         repetition_penalty=params.repetition_penalty,
         logprobs=params.logprobs,
         logit_bias=dict(params.logit_bias) or None,
+        prompt_logprobs=params.prompt_logprobs,
         skip_special_tokens=True,
         output_kind=RequestOutputKind.DELTA,
     )

@@ -283,7 +283,7 @@ def test_tokenize_and_detokenize_with_vllms_shapes(api):
 @pytest.mark.parametrize("field, value", [
     ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("tool_choice", "required"), ("structured_outputs", {"json": {}}),
-    ("guided_json", {"type": "object"}), ("use_beam_search", True), ("min_tokens", 3), ("prompt_logprobs", 1),
+    ("guided_json", {"type": "object"}), ("use_beam_search", True), ("min_tokens", 3),
     ("chat_template", "{{ messages }}"), ("chat_template_kwargs", {"x": 1}), ("echo", True), ("store", True),
     ("modalities", ["text", "audio"]), ("bad_words", ["x"]), ("skip_special_tokens", False)])
 def test_a_schema_field_not_served_is_a_400_naming_it(api, field, value):
@@ -396,5 +396,41 @@ def test_n_choices_count_against_a_keys_concurrency(world):  # noqa: F811
             await c.chat.completions.create(model="acme-bot", messages=MSG, max_tokens=1, n=3)
         r = await c.chat.completions.create(model="acme-bot", messages=MSG, max_tokens=1, n=2)
         assert len(r.choices) == 2
+
+    run(main())
+
+
+def test_echo_scores_the_prompt_as_openai_and_vllm_do(api):
+    """echo + logprobs + max_tokens 0 (what lm-evaluation-harness sends to score text): the prompt comes back
+    with each token's logprob, the first null; max_tokens 1 adds the generated token after it; vLLM's
+    prompt_logprobs gives the same numbers per token id with ranks; a prompt given as ids echoes their text."""
+    async def main():
+        c = api.openai()
+        r = await c.completions.create(model="helper", prompt="hello", max_tokens=0, echo=True, logprobs=1)
+        ch = r.choices[0]
+        assert ch.text == "hello" and ch.finish_reason == "length" and r.usage.completion_tokens == 0
+        assert ch.logprobs.tokens == list("hello") and ch.logprobs.token_logprobs[0] is None
+        scores = ch.logprobs.token_logprobs[1:]
+        assert len(scores) == 4 and all(isinstance(v, float) for v in scores)
+        assert ch.logprobs.top_logprobs[0] is None and all(len(t) == 1 for t in ch.logprobs.top_logprobs[1:])
+        one = await c.completions.create(model="helper", prompt=list(b"hello"), max_tokens=1, echo=True, logprobs=1,
+                                         temperature=0)
+        plain = await c.completions.create(model="helper", prompt="hello", max_tokens=1, temperature=0)
+        o = one.choices[0]
+        assert o.text == "hello" + plain.choices[0].text and o.logprobs.token_logprobs[1:5] == scores
+        assert len(o.logprobs.tokens) == 6 and one.usage.completion_tokens == 1
+        v = await c.completions.create(model="helper", prompt="hello", max_tokens=1, extra_body={"prompt_logprobs": 2})
+        pl = v.choices[0].model_extra["prompt_logprobs"]
+        assert pl[0] is None and len(pl) == 5
+        for j, entry in enumerate(pl[1:]):
+            mine = entry[str(ord("hello"[j + 1]))]
+            assert mine["logprob"] == scores[j] and mine["decoded_token"] == "hello"[j + 1] and mine["rank"] >= 1
+            assert sum(1 for e in entry.values() if e["rank"] <= 2) >= 2
+        chat = await c.chat.completions.create(model=BASE, messages=MSG, max_tokens=1, extra_body={"prompt_logprobs": 0})
+        assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens
+        with pytest.raises(openai.BadRequestError, match="echo true"):
+            await c.completions.create(model=BASE, prompt="x", max_tokens=0)
+        with pytest.raises(openai.BadRequestError, match="echo"):
+            await c.completions.create(model=BASE, prompt="x", max_tokens=1, echo=True, stream=True)
 
     run(main())

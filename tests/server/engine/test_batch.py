@@ -37,7 +37,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_step_layout(name):
     work, ids, mapping, tables, lens, logit_rows, sampled, prefills = CASES[name]
-    batch, rows = build_step(work, RANKS, torch.float32, "cpu", BS)
+    batch, rows, _ = build_step(work, RANKS, torch.float32, "cpu", BS)
     assert batch.input_ids.tolist() == ids and batch.slot_mapping.tolist() == mapping
     assert batch.num_decode == len(tables) and batch.decode_tables.tolist() == tables
     if lens is None:
@@ -52,6 +52,6 @@ def test_step_layout(name):
 
 def test_lora_rows_follow_the_layout():
     work = [W([9], 4, [1, 2], [(1, 1.0)], True), W([8], 3, [3], [(0, 1.0)], True)]
-    batch, _ = build_step(work, RANKS, torch.float32, "cpu", BS)
+    batch, _, _ = build_step(work, RANKS, torch.float32, "cpu", BS)
     assert batch.input_ids.tolist() == [8, 9] and batch.positions.tolist() == [3, 4]  # slot 0's decode first
     assert batch.lora.slots.tolist() == [0, 1] and batch.lora.gather is None and batch.lora.rank == 8

@@ -46,7 +46,7 @@ def test_mixed_batch_logits_match_peft_at_every_position(folders, reference):
             engine.adapters.poll()
         slots[name] = slot
     work = [Work(p, 0, engine.pool.allocate(engine.pool.blocks_for(len(p))), [(slots[a], 1.0)] if a else [], True) for i, (p, a) in enumerate(zip(PROMPTS, ASSIGN))]
-    batch, _ = build_step(work, engine.bank.ranks, torch.float32, "cpu", engine.cache.block_size)
+    batch, _, _ = build_step(work, engine.bank.ranks, torch.float32, "cpu", engine.cache.block_size)
     batch = dataclasses.replace(batch, logit_rows=torch.arange(batch.input_ids.numel()))
     logits = engine.decoder.forward(batch, engine.cache, engine.bank)
     row = 0
@@ -226,3 +226,25 @@ def test_a_slow_load_gets_a_bounded_share_of_the_loop_at_nice_19(folders):
     engine.adapters.yield_to_loads(30.0)  # nothing left to wait for: returns at once
     with pytest.raises(ValueError, match="load_share"):
         EngineConfig(load_share=1.0)
+
+
+@pytest.mark.parametrize("chunk", [256, 3])
+def test_prompt_logprobs_equal_pefts_with_adapters_chunks_and_a_warm_prefix_cache(folders, reference, chunk):
+    """prompt_logprobs (the scoring lm-evaluation-harness asks for): each prompt token's logprob under the
+    model and adapter given everything before it, equal to PEFT's in float32; the same in prefill chunks of 3
+    tokens and when the prompt's blocks are already cached (a scoring request computes every token anyway);
+    asked alternatives are the top ones; a request that did not ask gets none."""
+    engine = make_engine(folders, prefill_chunk=chunk, block_size=4)
+    warm = engine.generate(PROMPTS, SamplingParams(max_tokens=1, temperature=0), ASSIGN)  # fills the prefix cache
+    assert all(s.prompt_logprobs == [] for s in warm)
+    seqs = engine.generate(PROMPTS, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3), ASSIGN)
+    for seq, prompt, adapter in zip(seqs, PROMPTS, ASSIGN):
+        ref = torch.log_softmax(peft_logits(reference, prompt, adapter).float(), dim=-1)  # [len, V]
+        want = [float(ref[j, prompt[j + 1]]) for j in range(len(prompt) - 1)]
+        got = [lp for lp, _, _ in seq.prompt_logprobs]
+        assert got == pytest.approx(want, abs=5e-5), adapter
+        for j, (_, rank, top) in enumerate(seq.prompt_logprobs):
+            vals, ids = ref[j].topk(3)
+            assert [t for t, _ in top] == ids.tolist() and [v for _, v in top] == pytest.approx(vals.tolist(), abs=5e-5)
+            assert rank == int((ref[j] > ref[j, prompt[j + 1]]).sum()) + 1
+        assert seq.cached_prompt == 0

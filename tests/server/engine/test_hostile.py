@@ -83,7 +83,7 @@ def test_a_hostile_adapter_in_the_batch_leaves_every_other_row_as_peft_computes_
     slots = {name: resident(engine, name) for name in ("qv4", "hostile", "all8")}
     requests = [([3, 1, 4], "qv4"), ([9, 9], "hostile"), ([2, 7, 1, 8, 2, 8], "all8"), ([5, 6, 7, 8], None)]
     work = [Work(p, 0, engine.pool.allocate(engine.pool.blocks_for(len(p))), [(slots[a], 1.0)] if a else [], True) for i, (p, a) in enumerate(requests)]
-    batch, _ = build_step(work, engine.bank.ranks, torch.float32, "cpu", engine.cache.block_size)
+    batch, _, _ = build_step(work, engine.bank.ranks, torch.float32, "cpu", engine.cache.block_size)
     assert batch.lora.gather is not None and batch.lora.seg_len == 6  # the hostile segment has 4 pads
     batch = dataclasses.replace(batch, logit_rows=torch.arange(batch.input_ids.numel()))
     logits = engine.decoder.forward(batch, engine.cache, engine.bank)
