@@ -421,3 +421,74 @@ def test_n_seeded_choices_on_both_engines(client):
         for c in chunk.choices:
             streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
     assert [streamed[i] for i in range(3)] == texts
+
+
+def _peft_logprobs(world, adapter: str, ids: list[int]) -> list[float]:
+    """log P(token j + 1 | tokens <= j) in float32 under the tiny base plus a PEFT adapter: the reference."""
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(world["base"], torch_dtype=torch.float32),
+                                      str(world["folders"][adapter])).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return [float(lp[j, ids[j + 1]]) for j in range(len(ids) - 1)]
+
+
+def test_prompt_scoring_equals_transformers_peft_on_both_engines(client, world):
+    """echo + logprobs + max_tokens 0 gives each prompt token's logprob under the adapter, equal to PEFT's in
+    float32 (helper@1 is the all8 adapter); vLLM's prompt_logprobs gives the same numbers."""
+    ids = [9, 23, 40, 41, 17, 100, 50, 64, 90]
+    r = client.completions.create(model="helper@1", prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    got = r.choices[0].logprobs.token_logprobs
+    want = _peft_logprobs(world, "all8", ids)
+    assert got[0] is None and got[1:] == pytest.approx(want, abs=1e-4)
+    assert r.choices[0].text == " ".join(f"w{i - 8}" for i in ids) and r.usage.completion_tokens == 0
+    v = client.completions.create(model="helper@1", prompt=ids, max_tokens=1, temperature=0,
+                                  extra_body={"prompt_logprobs": 0})
+    pl = v.choices[0].model_extra["prompt_logprobs"]
+    assert [pl[j + 1][str(t)]["logprob"] for j, t in enumerate(ids[1:])] == pytest.approx(want, abs=1e-4)
+
+
+def test_lm_evaluation_harness_scores_through_the_server_as_through_transformers(server, world, tmp_path,
+                                                                                  monkeypatch):
+    """lm-evaluation-harness (``local-completions``, token-id prompts) against the server, on a multiple-choice
+    task read from a local JSONL file, against the same harness on transformers + PEFT (float32): every choice's
+    loglikelihood and greediness agree, and so does the accuracy."""
+    import random
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rnd = random.Random(7)
+    docs = [{"question": " ".join(f"w{rnd.randrange(120)}" for _ in range(rnd.randrange(3, 9))),
+             "choices": [" ".join(f"w{rnd.randrange(120)}" for _ in range(rnd.randrange(1, 4))) for _ in range(3)],
+             "answer": rnd.randrange(3)} for _ in range(12)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny.yaml").write_text(
+        "task: loraplex_tiny\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n")
+    common = dict(tasks=["loraplex_tiny"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                  log_samples=True, batch_size=1)
+    served = simple_evaluate(model="local-completions", model_args={
+        "model": "helper@1", "base_url": f"{server.url}/v1/completions", "tokenizer": str(world["base"]),
+        "tokenized_requests": True, "num_concurrent": 1, "max_retries": 1}, **common)
+    ref = simple_evaluate(model="hf", model_args={"pretrained": str(world["base"]), "peft": str(world["folders"]["all8"]),
+                                                  "dtype": "float32", "device": "cpu"}, **common)
+
+    def scores(result):
+        samples = sorted(result["samples"]["loraplex_tiny"], key=lambda s: s["doc_id"])
+        return [[tuple(r) for r in s["filtered_resps"]] for s in samples]
+
+    got, want = scores(served), scores(ref)
+    assert len(got) == len(docs) and all(len(g) == 3 for g in got)
+    for g, w in zip(got, want):
+        assert [ll for ll, _ in g] == pytest.approx([ll for ll, _ in w], abs=1e-3)
+        assert [greedy for _, greedy in g] == [greedy for _, greedy in w]
+    assert served["results"]["loraplex_tiny"]["acc,none"] == ref["results"]["loraplex_tiny"]["acc,none"]
