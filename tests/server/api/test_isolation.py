@@ -276,7 +276,7 @@ def test_metrics_open_is_a_setting_and_a_flag(monkeypatch):
 # ---- per-key concurrency -----------------------------------------------------------------------------------
 
 def test_a_key_past_its_max_concurrent_gets_429(world):  # noqa: F811
-    api = make_api(world, keyed=True, kv_slots_total=8, token_delay=0.02)
+    api = make_api(world, keyed=True, kv_slots_total=8, token_delay=0.05)  # (0.5 s a request: the 4 overlap)
     admission = api.app.state.api.admission
 
     async def main():
