@@ -50,12 +50,22 @@ async def fan_out(backend: EngineBackend, prompt: str | list[int], params: list[
     """(choice index, output) of every choice's generation as they come; an error a generation raises is raised
     here. Choice 0 starts alone; the others start once it has given its first output. Leaving early aborts them
     all (their streams are closed before this generator is)."""
+    if len(params) == 1:  # (most requests: the engine's stream as it is, no task or queue between)
+        stream = backend.generate(prompt, params[0], served.adapters, rid)
+        try:
+            async for out in stream:
+                yield 0, out
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:  # leaving the engine's stream early aborts its generation now, not at GC
+                await close()
+        return
     queue: asyncio.Queue = asyncio.Queue()
     streams: list = []
     tasks: list[asyncio.Task] = []
 
     async def pump(i: int) -> None:
-        stream = backend.generate(prompt, params[i], served.adapters, rid if len(params) == 1 else f"{rid}-{i}")
+        stream = backend.generate(prompt, params[i], served.adapters, f"{rid}-{i}")
         streams.append(stream)
         try:
             async for out in stream:
@@ -67,7 +77,7 @@ async def fan_out(backend: EngineBackend, prompt: str | list[int], params: list[
             queue.put_nowait((i, None, exc))
 
     tasks.append(asyncio.ensure_future(pump(0)))
-    live, started_rest = 1, len(params) == 1
+    live, started_rest = 1, False
     try:
         while live:
             i, out, exc = await queue.get()

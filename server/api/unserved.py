@@ -18,34 +18,29 @@ _NONE = (None,)
 _FALSE = (None, False)
 _EMPTY = (None, [], {})
 
-
-def _neutral(*values: Any) -> tuple:
-    return values
-
-
 # field -> its neutral values (what a client may send without asking for the feature)
 COMMON: dict[str, tuple] = {
     "response_format": (None, {"type": "text"}), "structured_outputs": _NONE,
     "guided_json": _NONE, "guided_regex": _NONE, "guided_choice": _NONE, "guided_grammar": _NONE,
     "guided_decoding_backend": _NONE, "guided_whitespace_pattern": _NONE, "use_beam_search": _FALSE,
-    "length_penalty": _neutral(None, 1, 1.0), "include_stop_str_in_output": _FALSE, "min_tokens": _neutral(None, 0),
-    "skip_special_tokens": _neutral(None, True), "spaces_between_special_tokens": _neutral(None, True),
+    "length_penalty": (None, 1, 1.0), "include_stop_str_in_output": _FALSE, "min_tokens": (None, 0),
+    "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
     "truncate_prompt_tokens": _NONE, "allowed_token_ids": _NONE, "bad_words": _EMPTY,
     "logits_processors": _EMPTY, "return_tokens_as_token_ids": _FALSE, "return_token_ids": _FALSE,
     "logprob_token_ids": _NONE, "vllm_xargs": _EMPTY, "kv_transfer_params": _NONE, "ec_transfer_params": _NONE,
-    "priority": _neutral(None, 0), "thinking_token_budget": _NONE, "repetition_detection": _NONE,
+    "priority": (None, 0), "thinking_token_budget": _NONE, "repetition_detection": _NONE,
     "watermarking": _FALSE, "store": _FALSE, "mm_payload": _NONE,
 }
 CHAT: dict[str, tuple] = {
-    **COMMON, "tools": _EMPTY, "tool_choice": _neutral(None, "none", "auto"), "functions": _EMPTY,
-    "function_call": _neutral(None, "none", "auto"), "audio": _NONE, "modalities": (None, ["text"]),
+    **COMMON, "tools": _EMPTY, "tool_choice": (None, "none", "auto"), "functions": _EMPTY,
+    "function_call": (None, "none", "auto"), "audio": _NONE, "modalities": (None, ["text"]),
     "prediction": _NONE, "web_search_options": _NONE, "reasoning_effort": _NONE, "verbosity": _NONE,
     "add_special_tokens": _FALSE, "documents": _EMPTY, "chat_template": _NONE, "chat_template_kwargs": _EMPTY,
     "mm_processor_kwargs": _EMPTY, "media_io_kwargs": _EMPTY, "echo": _FALSE,
 }
 COMPLETION: dict[str, tuple] = {
-    **COMMON, "best_of": _neutral(None, 1), "suffix": _neutral(None, ""), "prompt_embeds": _NONE,
-    "add_special_tokens": _neutral(None, False),
+    **COMMON, "best_of": (None, 1), "suffix": (None, ""), "prompt_embeds": _NONE,
+    "add_special_tokens": (None, False),
 }
 # fields of the two schemas that label or route a request and change nothing in its answer
 LABELS = frozenset({"metadata", "service_tier", "prompt_cache_key", "safety_identifier", "request_id", "session_id",

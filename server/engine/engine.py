@@ -225,7 +225,8 @@ class Engine:
     def _score(logits: torch.Tensor, seqs: list[Sequence], works: list[Work]) -> None:
         """Prompt logprobs: row j of a work's rows (position first_pos + j) gives the logprob of the prompt token
         after it, from the raw distribution (as the sampler's logprobs), its rank (1: the most likely) and the
-        ``prompt_logprobs`` most likely alternatives. A position already scored (a prompt computed again after a preemption) is skipped."""
+        ``prompt_logprobs`` most likely alternatives. A position already scored (a prompt computed again after a
+        preemption) is skipped."""
         at = 0
         for seq, w in zip(seqs, works):
             rows = logits[at:at + w.scored].float()  # [n, V]

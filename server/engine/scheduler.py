@@ -33,7 +33,7 @@ from .block_pool import BlockPool, block_hash, identity
 from .sequence import Sequence, Status
 
 
-SCORED_CHUNK = 256  # prompt tokens a step of a request that asked for prompt logprobs
+SCORED_CHUNK = 256  # prompt tokens a step computes for requests that asked for prompt logprobs, all together
 MAX_PREFIX_KEYS = 64  # adapters counted apart in the prefix cache statistics
 
 
@@ -106,11 +106,12 @@ class Scheduler:
         seq.blocks.extend(got)
         return True
 
-    def _chunk(self, seq: Sequence) -> int:
-        """The most prompt tokens ``seq`` computes in one step; a request scoring its prompt gets logits for each
-        (a [tokens, vocab] float32 block: 50 MB for 256 tokens of a 49k vocabulary), so at most SCORED_CHUNK."""
+    def _chunk(self, seq: Sequence, scored_left: int) -> int:
+        """The most prompt tokens ``seq`` computes in this step. A request scoring its prompt gets logits for each
+        (a [tokens, vocab] float32 block: 50 MB for 256 tokens of a 49k vocabulary), so the scoring requests of a
+        step share at most SCORED_CHUNK tokens (``scored_left`` of them are still free)."""
         return self.config.prefill_chunk if seq.params.prompt_logprobs is None else \
-            min(self.config.prefill_chunk, SCORED_CHUNK)
+            min(self.config.prefill_chunk, scored_left)
 
     def _reuse(self, seq: Sequence, slots: list[int]) -> None:
         """A sequence about to be admitted: its identity, and the cached blocks its tokens start with (it then
@@ -179,18 +180,22 @@ class Scheduler:
                     plan.append(Scheduled(seq, 1, self._lora(seq)))
                     budget -= 1
         budget = self.config.max_batched_tokens - sum(p.num_tokens for p in plan)
+        scored_left = SCORED_CHUNK
         for seq in list(self.running):
             if seq.status is Status.RUNNING and seq.prefilling and budget > 0:
-                n = min(seq.prefill_len - seq.num_cached, self._chunk(seq), budget)
-                if self._room(seq, seq.num_cached + n, plan):
+                n = min(seq.prefill_len - seq.num_cached, self._chunk(seq, scored_left), budget)
+                if n > 0 and self._room(seq, seq.num_cached + n, plan):
                     plan.append(Scheduled(seq, n, self._lora(seq)))
                     budget = self.config.max_batched_tokens - sum(p.num_tokens for p in plan)
+                    scored_left -= n if seq.params.prompt_logprobs is not None else 0
         first_blocked: set[str] | None = None  # the adapter set of the oldest request with no room for it
         preempted = self.preemptions != preemptions_before
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_running or preempted:
                 break  # (after a preemption the pool is short: nobody new this step)
-            if self.pool.blocks_for(min(seq.prefill_len, self._chunk(seq), budget)) > self.pool.free_blocks:
+            if self._chunk(seq, scored_left) == 0:
+                break  # this step's scoring share is taken (in arrival order: nobody overtakes it)
+            if self.pool.blocks_for(min(seq.prefill_len, self._chunk(seq, scored_left), budget)) > self.pool.free_blocks:
                 break  # in arrival order: nobody overtakes a request waiting for blocks (checked again below)
             names = [name for name, _ in seq.adapters]
             try:
@@ -207,7 +212,7 @@ class Scheduler:
             if isinstance(slots, Wait):
                 continue
             self._reuse(seq, slots)
-            n = min(seq.prefill_len - seq.num_cached, self._chunk(seq), budget)
+            n = min(seq.prefill_len - seq.num_cached, self._chunk(seq, scored_left), budget)
             if not self._grow(seq, seq.num_cached + n):  # (reused blocks it held were free ones)
                 self._free_blocks(seq)
                 seq.num_cached = 0
@@ -215,6 +220,7 @@ class Scheduler:
             self.admit(seq)
             plan.append(Scheduled(seq, n, [(slot, w) for slot, (_, w) in zip(slots, seq.adapters)]))
             budget -= n
+            scored_left -= n if seq.params.prompt_logprobs is not None else 0
         return plan
 
     def has_work(self) -> bool:

@@ -248,3 +248,24 @@ def test_prompt_logprobs_equal_pefts_with_adapters_chunks_and_a_warm_prefix_cach
             assert [t for t, _ in top] == ids.tolist() and [v for _, v in top] == pytest.approx(vals.tolist(), abs=5e-5)
             assert rank == int((ref[j] > ref[j, prompt[j + 1]]).sum()) + 1
         assert seq.cached_prompt == 0
+
+
+def test_scoring_requests_of_a_step_share_one_bounded_block_of_logits(folders, reference, monkeypatch):
+    """Several requests scoring long prompts at once: no step computes logits for more than SCORED_CHUNK of their
+    prompt tokens together (a hostile batch cannot make the [tokens, vocab] block large), and each still gets
+    every prompt token's logprob, equal to PEFT's."""
+    from loraplex.server.engine import scheduler as sched
+
+    monkeypatch.setattr(sched, "SCORED_CHUNK", 10)
+    engine = make_engine(folders, prefill_chunk=64, max_model_len=128)
+    rows: list[int] = []
+    score = engine._score
+    monkeypatch.setattr(engine, "_score", lambda logits, seqs, works: (rows.append(logits.shape[0]),
+                                                                        score(logits, seqs, works)))
+    prompts = [[(7 * i + 3 * j) % 50 + 1 for j in range(23)] for i in range(3)]
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), ["all8", None, "qv4"])
+    assert rows and max(rows) <= 10 and sum(rows) == 3 * 22
+    for seq, prompt, adapter in zip(seqs, prompts, ["all8", None, "qv4"]):
+        ref = torch.log_softmax(peft_logits(reference, prompt, adapter).float(), dim=-1)
+        want = [float(ref[j, prompt[j + 1]]) for j in range(len(prompt) - 1)]
+        assert [lp for lp, _, _ in seq.prompt_logprobs] == pytest.approx(want, abs=5e-5)
